@@ -1,0 +1,551 @@
+//! `vaultik backup`: the pipeline driver.
+//!
+//! ```text
+//! scan thread ──NewChunk──▶ compress workers ──Frame──▶ packer thread ──bytes──▶ upload task
+//!   (walk, stat, CDC,        (zstd, one per core)        (blob layout, age)     (multipart)
+//!    hash, dedup, index) ◀──────────────── BlobDone ─────────┘
+//! ```
+//! Every queue is bounded, so memory is a few chunks plus a few multipart parts whatever
+//! the size of the tree. Nothing is written to disk but the index and run databases.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, channel, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::chunk::{ChunkHasher, ChunkId, chunks};
+use crate::config::Config;
+use crate::crypt::{Counted, Recipients};
+use crate::error::{Error, Result};
+use crate::index::{BlobDone, FileStat, Index, NewNode};
+use crate::pack::{BLOB_MAGIC, BlobId, BlobLayout};
+use crate::progress::Progress;
+use crate::scan::{Entry, Excludes, Visit, relative_bytes, walk};
+use crate::snapshot::{MANIFEST_FORMAT, METADATA_FORMAT, Manifest, NodeKind, SnapshotId, Summary};
+use crate::store::Repo;
+
+/// Chunks waiting for a compressor, and frames waiting for the packer.
+const QUEUE_DEPTH: usize = 2;
+
+pub struct Options {
+    pub progress: Progress,
+    /// Re-read and re-hash every file even when its stat data is unchanged.
+    pub rehash: bool,
+}
+
+/// What a finished backup reports.
+#[derive(Debug)]
+pub struct Outcome {
+    pub snapshot: SnapshotId,
+    pub summary: Summary,
+    pub elapsed: Duration,
+    /// Entries that could not be read, with the reason; they are not in the snapshot.
+    pub skipped: Vec<String>,
+}
+
+struct NewChunk {
+    id: ChunkId,
+    data: Vec<u8>,
+}
+
+struct Frame {
+    id: ChunkId,
+    ulen: u32,
+    data: Vec<u8>,
+}
+
+pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
+    let started = Instant::now();
+    let recipients = Recipients::parse(&config.recipients)?;
+    let excludes =
+        Excludes::new(&config.exclude).map_err(|message| crate::config::ConfigError::Invalid {
+            path: "exclude".into(),
+            message,
+        })?;
+    let mut index = Index::open(&config.index_path)?;
+    let hasher = ChunkHasher::new(index.chunk_key()?);
+    index.begin_run()?;
+
+    // Compression workers and the packer.
+    let workers = thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(4);
+    let (chunk_tx, chunk_rx) = sync_channel::<NewChunk>(QUEUE_DEPTH);
+    let chunk_rx = Arc::new(Mutex::new(chunk_rx));
+    let (frame_tx, frame_rx) = sync_channel::<Frame>(QUEUE_DEPTH);
+    let (done_tx, done_rx) = channel::<BlobDone>();
+    let mut compressors = Vec::new();
+    for _ in 0..workers {
+        let rx = chunk_rx.clone();
+        let tx = frame_tx.clone();
+        let level = config.compression_level;
+        compressors.push(thread::spawn(move || compress_worker(rx, tx, level)));
+    }
+    drop(frame_tx);
+    let packer = {
+        let repo = repo.clone();
+        let recipients = recipients.clone();
+        let limit = config.blob_size_limit;
+        thread::spawn(move || packer(frame_rx, repo, recipients, limit, done_tx))
+    };
+
+    let mut scan = Scanner {
+        index: &index,
+        hasher: &hasher,
+        config,
+        chunk_tx: Some(chunk_tx),
+        done_rx: &done_rx,
+        pending: HashSet::new(),
+        summary: Summary::default(),
+        skipped: Vec::new(),
+        progress: &opts.progress,
+        rehash: opts.rehash,
+        last_commit: Instant::now(),
+    };
+    let mut walk_skipped = Vec::new();
+    let walked = walk(
+        &config.source_dirs,
+        &excludes,
+        |e| scan.visit(e),
+        |path, err| {
+            let line = format!("warning: skipped {}: {err}", path.display());
+            opts.progress.warn(&line);
+            walk_skipped.push(line);
+        },
+    );
+    // Closing the chunk queue lets the workers and then the packer drain and stop.
+    scan.chunk_tx = None;
+    let mut drain_result = Ok(());
+    if walked.is_ok() {
+        drain_result = scan.drain_until_closed();
+    }
+    for c in compressors {
+        let _ = c.join();
+    }
+    let packed = packer
+        .join()
+        .unwrap_or_else(|_| Err(Error::Pipeline("the packer thread panicked".into())));
+    // The packer's error is the cause; the scanner's is usually its echo.
+    packed?;
+    walked?;
+    drain_result?;
+    if !scan.pending.is_empty() {
+        return Err(Error::Pipeline(format!(
+            "{} chunks were queued but never stored",
+            scan.pending.len()
+        )));
+    }
+    let mut summary = scan.summary;
+    let mut skipped = walk_skipped;
+    skipped.extend(scan.skipped);
+    summary.skipped = skipped.len() as u64;
+
+    // Write order: blobs (done), metadata, manifest. The manifest is the commit point.
+    let id = SnapshotId::random();
+    let now = SystemTime::now();
+    let time_unix = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let hostname = config.hostname.clone().unwrap_or_else(hostname);
+    let sources: Vec<String> = config
+        .source_dirs
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let run_db = index.finish_run(&[
+        ("format", METADATA_FORMAT.to_string()),
+        ("snapshot_id", id.to_string()),
+        ("hostname", hostname.clone()),
+        ("time_unix", time_unix.to_string()),
+        (
+            "source_dirs",
+            serde_json::to_string(&sources).unwrap_or_default(),
+        ),
+        ("chunk_hash", "blake3-keyed".into()),
+        ("chunk_key", hex::encode(hasher.key())),
+        ("tool", format!("vaultik {}", env!("CARGO_PKG_VERSION"))),
+    ])?;
+    let metadata = upload_metadata(repo, &recipients, &run_db, &id)?;
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        id: id.to_string(),
+        hostname,
+        time: humantime::format_rfc3339_seconds(now).to_string(),
+        time_unix,
+        source_dirs: sources,
+        metadata_size: metadata.size,
+        metadata_hash: hex::encode(metadata.hash),
+        summary: summary.clone(),
+    };
+    let json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| Error::Pipeline(format!("encoding manifest: {e}")))?;
+    let mut w = recipients.encrypt(Vec::new(), "snapshot manifest")?;
+    w.write_all(&json)
+        .map_err(|e| Error::io("encrypting", "snapshot manifest", e))?;
+    let sealed = w
+        .finish()
+        .map_err(|e| Error::io("encrypting", "snapshot manifest", e))?;
+    repo.put(&repo.manifest_key(&id), sealed)?;
+    index.commit_snapshot(&id.to_string(), time_unix)?;
+    opts.progress.finish();
+    Ok(Outcome {
+        snapshot: id,
+        summary,
+        elapsed: started.elapsed(),
+        skipped,
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn stat_of(meta: &std::fs::Metadata) -> FileStat {
+    FileStat {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.size(),
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+    }
+}
+
+struct Scanner<'a> {
+    index: &'a Index,
+    hasher: &'a ChunkHasher,
+    config: &'a Config,
+    chunk_tx: Option<SyncSender<NewChunk>>,
+    done_rx: &'a Receiver<BlobDone>,
+    /// Chunks sent to the packer whose blob has not finished yet.
+    pending: HashSet<ChunkId>,
+    summary: Summary,
+    skipped: Vec<String>,
+    progress: &'a Progress,
+    rehash: bool,
+    last_commit: Instant,
+}
+
+impl Scanner<'_> {
+    fn visit(&mut self, e: Entry) -> Result<Visit> {
+        self.absorb_done()?;
+        if self.last_commit.elapsed() > Duration::from_secs(2) {
+            self.index.checkpoint()?;
+            self.last_commit = Instant::now();
+            self.progress.message(format!(
+                "{} files, {} new chunks",
+                self.summary.files, self.summary.new_chunks
+            ));
+        }
+        let ft = e.meta.file_type();
+        let rel = relative_bytes(&e.path);
+        let stat = stat_of(&e.meta);
+        let mut node = NewNode {
+            path: rel,
+            kind: NodeKind::File,
+            mode: e.meta.mode(),
+            uid: e.meta.uid(),
+            gid: e.meta.gid(),
+            size: 0,
+            mtime_ns: stat.mtime_ns,
+            target: None,
+            stat,
+        };
+        let link_target;
+        if ft.is_dir() {
+            node.kind = NodeKind::Dir;
+            self.summary.dirs += 1;
+        } else if ft.is_symlink() {
+            link_target = match std::fs::read_link(&e.path) {
+                Ok(t) => t,
+                Err(err) => {
+                    self.skip(&e.path, &err);
+                    return Ok(Visit::Continue);
+                }
+            };
+            node.kind = NodeKind::Symlink;
+            node.target = Some(link_target.as_os_str().as_bytes());
+            self.summary.symlinks += 1;
+        } else if ft.is_file() {
+            if e.meta.nlink() > 1 {
+                if let Some(first) = self.index.find_inode(stat.dev, stat.ino)? {
+                    node.kind = NodeKind::Hardlink;
+                    node.target = Some(&first);
+                    self.index.insert_node(&node)?;
+                    self.summary.hardlinks += 1;
+                    return Ok(Visit::Continue);
+                }
+            }
+            node.size = stat.size;
+            let id = self.index.insert_node(&node)?;
+            self.copy_xattrs(&e.path, id);
+            return self.file(&e.path, id, stat).map(|_| Visit::Continue);
+        } else {
+            self.progress.warn(&format!(
+                "note: not backing up special file {} (sockets, fifos and devices are skipped)",
+                e.path.display()
+            ));
+            return Ok(Visit::Continue);
+        }
+        if rel.is_empty() {
+            return Ok(Visit::Continue);
+        }
+        let id = self.index.insert_node(&node)?;
+        self.copy_xattrs(&e.path, id);
+        Ok(Visit::Continue)
+    }
+
+    fn skip(&mut self, path: &Path, err: &dyn std::fmt::Display) {
+        let line = format!("warning: skipped {}: {err}", path.display());
+        self.progress.warn(&line);
+        self.skipped.push(line);
+    }
+
+    fn copy_xattrs(&mut self, path: &Path, node: i64) {
+        let Ok(names) = xattr::list(path) else { return };
+        for name in names {
+            if let Ok(Some(value)) = xattr::get(path, &name) {
+                if let Err(e) = self.index.insert_xattr(node, name.as_bytes(), &value) {
+                    self.skip(path, &e);
+                }
+            }
+        }
+    }
+
+    fn file(&mut self, path: &Path, node: i64, stat: FileStat) -> Result<()> {
+        if !self.rehash {
+            if let Some((old, prev)) = self.index.prev_file(relative_bytes(path))? {
+                if prev == stat {
+                    self.index.reuse_chunks(old, node)?;
+                    self.summary.files += 1;
+                    self.summary.bytes += stat.size;
+                    self.progress.add_bytes(stat.size);
+                    return Ok(());
+                }
+            }
+        }
+        let f = match File::open(path) {
+            Ok(f) => f,
+            Err(err) => {
+                self.skip(path, &err);
+                return self.index.remove_node(node);
+            }
+        };
+        let mut offset = 0u64;
+        for (seq, chunk) in chunks(f, self.config.chunk).enumerate() {
+            let data = match chunk {
+                Ok(d) => d,
+                Err(err) => {
+                    self.skip(path, &err);
+                    return self.index.remove_node(node);
+                }
+            };
+            let id = self.hasher.id(&data);
+            let len = data.len() as u64;
+            self.index.add_file_chunk(node, seq as u64, offset, &id)?;
+            offset += len;
+            self.progress.add_bytes(len);
+            if !self.pending.contains(&id) && !self.index.chunk_known(&id)? {
+                self.pending.insert(id);
+                self.summary.new_chunks += 1;
+                self.summary.new_bytes += len;
+                self.send(NewChunk { id, data })?;
+            }
+        }
+        if offset != stat.size {
+            // The file changed while it was read; record what was actually stored.
+            self.index.set_size(node, offset)?;
+        }
+        self.summary.files += 1;
+        self.summary.bytes += offset;
+        self.summary.bytes_read += offset;
+        Ok(())
+    }
+
+    fn send(&mut self, c: NewChunk) -> Result<()> {
+        let tx = self
+            .chunk_tx
+            .clone()
+            .ok_or_else(|| Error::Pipeline("chunk queue closed".into()))?;
+        // Keep absorbing finished blobs while the queue is full, so the run database
+        // stays current and the packer never waits on us.
+        let mut item = c;
+        loop {
+            match tx.try_send(item) {
+                Ok(()) => return Ok(()),
+                Err(std::sync::mpsc::TrySendError::Full(back)) => {
+                    item = back;
+                    match self.done_rx.recv_timeout(Duration::from_millis(20)) {
+                        Ok(done) => self.record(done)?,
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => {
+                            return Err(Error::Pipeline("the packer stopped".into()));
+                        }
+                    }
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                    return Err(Error::Pipeline("the compressors stopped".into()));
+                }
+            }
+        }
+    }
+
+    fn absorb_done(&mut self) -> Result<()> {
+        while let Ok(done) = self.done_rx.try_recv() {
+            self.record(done)?;
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, done: BlobDone) -> Result<()> {
+        self.index.record_blob(&done)?;
+        for p in &done.entries {
+            self.pending.remove(&p.chunk);
+        }
+        self.summary.new_blobs += 1;
+        self.summary.uploaded_bytes += done.uploaded.size;
+        Ok(())
+    }
+
+    fn drain_until_closed(&mut self) -> Result<()> {
+        while let Ok(done) = self.done_rx.recv() {
+            self.record(done)?;
+        }
+        Ok(())
+    }
+}
+
+fn compress_worker(rx: Arc<Mutex<Receiver<NewChunk>>>, tx: SyncSender<Frame>, level: i32) {
+    let Ok(mut z) = zstd::bulk::Compressor::new(level) else {
+        return;
+    };
+    loop {
+        let next = match rx.lock() {
+            Ok(guard) => guard.recv(),
+            Err(_) => return,
+        };
+        let Ok(c) = next else { return };
+        let Ok(data) = z.compress(&c.data) else {
+            return;
+        };
+        let frame = Frame {
+            id: c.id,
+            ulen: c.data.len() as u32,
+            data,
+        };
+        if tx.send(frame).is_err() {
+            return;
+        }
+    }
+}
+
+type BlobWriter = age::stream::StreamWriter<Counted<crate::store::Upload>>;
+
+struct OpenBlob {
+    id: BlobId,
+    w: BlobWriter,
+    layout: BlobLayout,
+    payload_start: u64,
+}
+
+fn packer(
+    rx: Receiver<Frame>,
+    repo: Repo,
+    recipients: Recipients,
+    limit: u64,
+    done: Sender<BlobDone>,
+) -> Result<()> {
+    let mut open: Option<OpenBlob> = None;
+    for f in rx {
+        let blob = match open.as_mut() {
+            Some(b) => b,
+            None => open.insert(open_blob(&repo, &recipients)?),
+        };
+        let what = |e| Error::io("writing blob", blob.id.to_hex(), e);
+        blob.w.write_all(&f.data).map_err(what)?;
+        blob.layout.push(f.id, f.data.len() as u32, f.ulen);
+        if blob.layout.len() >= limit {
+            if let Some(b) = open.take() {
+                close_blob(b, &done)?;
+            }
+        }
+    }
+    if let Some(b) = open.take() {
+        close_blob(b, &done)?;
+    }
+    Ok(())
+}
+
+fn open_blob(repo: &Repo, recipients: &Recipients) -> Result<OpenBlob> {
+    let id = BlobId::random();
+    let count = Arc::new(AtomicU64::new(0));
+    let up = Counted {
+        inner: repo.upload(repo.blob_key(&id)),
+        count: count.clone(),
+    };
+    let mut w = recipients.encrypt(up, "blob")?;
+    // The age header and nonce are written by now: this is where the payload starts.
+    let payload_start = count.load(Ordering::Relaxed);
+    w.write_all(BLOB_MAGIC)
+        .map_err(|e| Error::io("writing blob", id.to_hex(), e))?;
+    Ok(OpenBlob {
+        id,
+        w,
+        layout: BlobLayout::new(),
+        payload_start,
+    })
+}
+
+fn close_blob(mut b: OpenBlob, done: &Sender<BlobDone>) -> Result<()> {
+    let what = |e| Error::io("finishing blob", b.id.to_hex(), e);
+    b.w.write_all(&b.layout.trailer()).map_err(what)?;
+    let counted =
+        b.w.finish()
+            .map_err(|e| Error::io("finishing blob", b.id.to_hex(), e))?;
+    let uploaded = counted.inner.finish()?;
+    let plain_size = b.layout.finished_len();
+    let _ = done.send(BlobDone {
+        id: b.id,
+        uploaded,
+        plain_size,
+        payload_start: b.payload_start,
+        entries: b.layout.into_entries(),
+    });
+    Ok(())
+}
+
+/// Streams the run database through zstd and age into the metadata object.
+fn upload_metadata(
+    repo: &Repo,
+    recipients: &Recipients,
+    db: &Path,
+    id: &SnapshotId,
+) -> Result<crate::store::Uploaded> {
+    let key = repo.metadata_key(id);
+    let io_err = |e: io::Error| Error::io("uploading metadata from", db, e);
+    let mut src = File::open(db).map_err(io_err)?;
+    let age_w = recipients.encrypt(repo.upload(key), "snapshot metadata")?;
+    let mut z = zstd::stream::Encoder::new(age_w, 3).map_err(io_err)?;
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = src.read(&mut buf).map_err(io_err)?;
+        if n == 0 {
+            break;
+        }
+        z.write_all(&buf[..n]).map_err(io_err)?;
+    }
+    let age_w = z.finish().map_err(io_err)?;
+    let up = age_w.finish().map_err(io_err)?;
+    Ok(up.finish()?)
+}

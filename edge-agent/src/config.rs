@@ -1,0 +1,404 @@
+//! The agent's YAML configuration (the seed's format, plus `destination` and
+//! `age_recipients`). Unknown keys and bad values are errors that name the key and line.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::chunk::ChunkParams;
+
+/// Default maximum chunk size; the CDC average is a quarter of it.
+pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+pub const DEFAULT_BLOB_SIZE_LIMIT: u64 = 64 << 20;
+pub const DEFAULT_INDEX_PREFIX: &str = "index/";
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("destination {url:?}: {message}")]
+    Destination { url: String, message: String },
+}
+
+/// Where snapshots go: an S3-compatible bucket or a local directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    S3(S3Target),
+    Local { root: PathBuf, prefix: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Target {
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    #[serde(default)]
+    pub prefix: String,
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+impl Destination {
+    /// Parses `s3://bucket/prefix` or `file:///path`.
+    pub fn from_url(url: &str) -> Result<Self, ConfigError> {
+        let err = |message: &str| ConfigError::Destination {
+            url: url.to_string(),
+            message: message.to_string(),
+        };
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(err("the bucket name is empty"));
+            }
+            Ok(Destination::S3(S3Target {
+                bucket: bucket.to_string(),
+                prefix: prefix.to_string(),
+                ..S3Target::default()
+            }))
+        } else if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(err("a file URL needs an absolute path: file:///dir"));
+            }
+            Ok(Destination::Local {
+                root: PathBuf::from(path),
+                prefix: String::new(),
+            })
+        } else {
+            Err(err("expected s3://bucket/prefix or file:///path"))
+        }
+    }
+
+    /// The `<bucket> <prefix>` pair of the restore-side commands: `bucket` is a bucket
+    /// name (S3 settings from the environment or `--config`) or a URL.
+    pub fn from_bucket_arg(
+        bucket: &str,
+        prefix: &str,
+        s3_defaults: Option<&S3Target>,
+    ) -> Result<Self, ConfigError> {
+        let mut dest = if bucket.contains("://") {
+            Destination::from_url(bucket)?
+        } else {
+            let mut target = s3_defaults.cloned().unwrap_or_default();
+            target.bucket = bucket.to_string();
+            target.prefix = String::new();
+            Destination::S3(target)
+        };
+        dest.push_prefix(prefix);
+        Ok(dest)
+    }
+
+    fn push_prefix(&mut self, more: &str) {
+        let p = match self {
+            Destination::S3(t) => &mut t.prefix,
+            Destination::Local { prefix, .. } => prefix,
+        };
+        *p = join_prefix(p, more);
+    }
+
+    pub fn prefix(&self) -> &str {
+        match self {
+            Destination::S3(t) => &t.prefix,
+            Destination::Local { prefix, .. } => prefix,
+        }
+    }
+}
+
+/// Joins object-key prefixes, dropping empty segments so no key ever has `//` or a
+/// trailing-slash "directory marker".
+pub fn join_prefix(a: &str, b: &str) -> String {
+    a.split('/')
+        .chain(b.split('/'))
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// A size written as `10MB`, `4 MiB`, `1GB` or a plain byte count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (examples: 4MiB, 10MB, 1048576)"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1000 * 1000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1000 * 1000 * 1000,
+            "gib" => 1 << 30,
+            "t" | "tb" => 1000u64.pow(4),
+            "tib" => 1 << 40,
+            other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration written as `1h`, `15m`, `24h`, `7days`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval(pub Duration);
+
+impl<'de> Deserialize<'de> for Interval {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(Interval)
+            .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration ({e})")))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    source_dirs: Vec<PathBuf>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    #[serde(default)]
+    age_recipient: Option<String>,
+    #[serde(default)]
+    age_recipients: Vec<String>,
+    #[serde(default)]
+    s3: Option<S3Target>,
+    #[serde(default)]
+    destination: Option<String>,
+    #[serde(default)]
+    backup_interval: Option<Interval>,
+    #[serde(default)]
+    full_scan_interval: Option<Interval>,
+    #[serde(default)]
+    min_time_between_run: Option<Interval>,
+    #[serde(default)]
+    index_path: Option<PathBuf>,
+    #[serde(default)]
+    chunk_size: Option<ByteSize>,
+    #[serde(default)]
+    blob_size_limit: Option<ByteSize>,
+    #[serde(default)]
+    index_prefix: Option<String>,
+    #[serde(default)]
+    compression_level: Option<i32>,
+    #[serde(default)]
+    hostname: Option<String>,
+}
+
+/// A validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source_dirs: Vec<PathBuf>,
+    pub exclude: Vec<String>,
+    pub recipients: Vec<String>,
+    pub destination: Destination,
+    pub backup_interval: Option<Duration>,
+    pub full_scan_interval: Option<Duration>,
+    pub min_time_between_run: Option<Duration>,
+    pub index_path: PathBuf,
+    pub chunk: ChunkParams,
+    pub blob_size_limit: u64,
+    pub index_prefix: String,
+    pub compression_level: i32,
+    pub hostname: Option<String>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let raw: RawConfig = serde_norway::from_str(text).map_err(|e| invalid(e.to_string()))?;
+
+        if raw.source_dirs.is_empty() {
+            return Err(invalid(
+                "source_dirs: at least one directory is needed".into(),
+            ));
+        }
+        let mut recipients = raw.age_recipients;
+        recipients.extend(raw.age_recipient);
+        if recipients.is_empty() {
+            return Err(invalid(
+                "age_recipient: missing (an age public key, age1…; see `vaultik keygen`)".into(),
+            ));
+        }
+        let destination = match (raw.destination, raw.s3) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "destination and s3: give one of them, not both".into(),
+                ));
+            }
+            (Some(url), None) => {
+                Destination::from_url(&url).map_err(|e| invalid(format!("destination: {e}")))?
+            }
+            (None, Some(s3)) => {
+                if s3.bucket.is_empty() {
+                    return Err(invalid("s3.bucket: empty".into()));
+                }
+                Destination::S3(S3Target {
+                    prefix: join_prefix(&s3.prefix, ""),
+                    ..s3
+                })
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "no destination: add an s3: block or destination: file:///path".into(),
+                ));
+            }
+        };
+        let chunk_size = raw.chunk_size.map_or(DEFAULT_CHUNK_SIZE, |b| b.0);
+        let chunk =
+            ChunkParams::from_max(chunk_size).map_err(|e| invalid(format!("chunk_size: {e}")))?;
+        let blob_size_limit = raw.blob_size_limit.map_or(DEFAULT_BLOB_SIZE_LIMIT, |b| b.0);
+        if blob_size_limit < chunk_size {
+            return Err(invalid(format!(
+                "blob_size_limit: {blob_size_limit} bytes is smaller than chunk_size ({chunk_size})"
+            )));
+        }
+        let compression_level = raw.compression_level.unwrap_or(DEFAULT_COMPRESSION_LEVEL);
+        if !(1..=19).contains(&compression_level) {
+            return Err(invalid(format!(
+                "compression_level: {compression_level} is outside 1..=19"
+            )));
+        }
+        let index_path = raw
+            .index_path
+            .unwrap_or_else(|| PathBuf::from("/var/lib/vaultik/index.sqlite"));
+        let mut source_dirs = Vec::with_capacity(raw.source_dirs.len());
+        for dir in raw.source_dirs {
+            if !dir.is_absolute() {
+                return Err(invalid(format!(
+                    "source_dirs: {} is not an absolute path",
+                    dir.display()
+                )));
+            }
+            source_dirs.push(dir);
+        }
+        crate::scan::Excludes::new(&raw.exclude).map_err(|e| invalid(format!("exclude: {e}")))?;
+        Ok(Config {
+            source_dirs,
+            exclude: raw.exclude,
+            recipients,
+            destination,
+            backup_interval: raw.backup_interval.map(|i| i.0),
+            full_scan_interval: raw.full_scan_interval.map(|i| i.0),
+            min_time_between_run: raw.min_time_between_run.map(|i| i.0),
+            index_path,
+            chunk,
+            blob_size_limit,
+            index_prefix: raw
+                .index_prefix
+                .map_or_else(|| DEFAULT_INDEX_PREFIX.to_string(), |p| join_prefix(&p, "")),
+            compression_level,
+            hostname: raw.hostname,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = "source_dirs:\n  - /etc\n  - /home/user/data\nexclude:\n  - '*.log'\n  - '*.tmp'\nage_recipient: age1xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\ns3:\n  endpoint: https://s3.example.com\n  bucket: vaultik-data\n  prefix: host1/\n  access_key_id: AK\n  secret_access_key: SK\n  region: us-east-1\nbackup_interval: 1h\nfull_scan_interval: 24h\nmin_time_between_run: 15m\nindex_path: /var/lib/vaultik/index.sqlite\nchunk_size: 10MB\nblob_size_limit: 10GB\nindex_prefix: index/\n";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.yaml"))
+    }
+
+    #[test]
+    fn seed_config_parses() {
+        let c = parse(SEED).unwrap();
+        assert_eq!(c.source_dirs.len(), 2);
+        assert_eq!(c.chunk.max, 10_000_000);
+        assert_eq!(c.blob_size_limit, 10_000_000_000);
+        assert_eq!(c.backup_interval, Some(Duration::from_secs(3600)));
+        assert_eq!(c.index_prefix, "index");
+        match c.destination {
+            Destination::S3(t) => {
+                assert_eq!(t.bucket, "vaultik-data");
+                assert_eq!(t.prefix, "host1");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = SEED.replace("index_prefix: index/", "index_prefx: index/");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("index_prefx"), "{e}");
+        assert!(e.contains("line 22"), "{e}");
+    }
+
+    #[test]
+    fn bad_size_is_named() {
+        let text = SEED.replace("chunk_size: 10MB", "chunk_size: ten");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("chunk_size") && e.contains("ten"), "{e}");
+    }
+
+    #[test]
+    fn destination_urls() {
+        assert_eq!(
+            Destination::from_url("file:///mnt/usb").unwrap(),
+            Destination::Local {
+                root: "/mnt/usb".into(),
+                prefix: String::new()
+            }
+        );
+        let d = Destination::from_bucket_arg("s3://b/x/", "/host1/", None).unwrap();
+        assert_eq!(d.prefix(), "x/host1");
+        assert!(Destination::from_url("ftp://x").is_err());
+        assert!(Destination::from_url("file://relative").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!("4MiB".parse::<ByteSize>().unwrap().0, 4 << 20);
+        assert_eq!("10 MB".parse::<ByteSize>().unwrap().0, 10_000_000);
+        assert!("4XB".parse::<ByteSize>().is_err());
+        assert!("99999999999TB".parse::<ByteSize>().is_err());
+    }
+}

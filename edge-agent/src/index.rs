@@ -1,0 +1,424 @@
+//! The agent's local SQLite index: what its newest completed snapshot contains (files with
+//! their stat data and chunk lists, and where each chunk lives), used to skip unchanged
+//! files and to deduplicate. During a backup the new snapshot's metadata database (the
+//! "run database") is attached as `run` and filled; on success it replaces the index.
+//!
+//! Dedup is only against chunks of the agent's own newest completed snapshot and of the
+//! run in progress: those blobs are never pruned (docs/FORMAT.md, "Prune safety").
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::chunk::ChunkId;
+use crate::error::{Error, Result};
+use crate::pack::{BlobId, Placement};
+use crate::snapshot::{METADATA_SCHEMA, NodeKind};
+use crate::store::Uploaded;
+
+const INDEX_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    path BLOB PRIMARY KEY,
+    node_id INTEGER NOT NULL,
+    dev INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS file_chunks (
+    node_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    chunk_id BLOB NOT NULL,
+    PRIMARY KEY (node_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks (
+    id BLOB PRIMARY KEY,
+    blob_id TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    clen INTEGER NOT NULL,
+    ulen INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs (
+    id TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    plain_size INTEGER NOT NULL,
+    payload_start INTEGER NOT NULL,
+    hash BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshots (id TEXT PRIMARY KEY, time_unix INTEGER NOT NULL);
+";
+
+/// Stat data of a file as the previous snapshot saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStat {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+/// A node to record in the run database.
+pub struct NewNode<'a> {
+    pub path: &'a [u8],
+    pub kind: NodeKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub target: Option<&'a [u8]>,
+    pub stat: FileStat,
+}
+
+/// A blob that finished uploading, with the chunks it holds.
+pub struct BlobDone {
+    pub id: BlobId,
+    pub uploaded: Uploaded,
+    pub plain_size: u64,
+    pub payload_start: u64,
+    pub entries: Vec<Placement>,
+}
+
+pub struct Index {
+    conn: Connection,
+    path: PathBuf,
+    run_path: PathBuf,
+    in_run: bool,
+}
+
+fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+    move |source| Error::Index {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Index {
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io("creating index directory", dir, e))?;
+        }
+        let e = sql_err(path);
+        let conn = Connection::open(path).map_err(&e)?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+            .map_err(&e)?;
+        conn.execute_batch(INDEX_SCHEMA).map_err(&e)?;
+        let mut run_path = path.as_os_str().to_owned();
+        run_path.push("-run");
+        Ok(Index {
+            conn,
+            path: path.to_path_buf(),
+            run_path: PathBuf::from(run_path),
+            in_run: false,
+        })
+    }
+
+    fn e(&self) -> impl Fn(rusqlite::Error) -> Error + '_ {
+        sql_err(&self.path)
+    }
+
+    /// The per-index key of chunk ids; made on first use.
+    pub fn chunk_key(&self) -> Result<[u8; 32]> {
+        let got: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT value FROM settings WHERE key = 'chunk_key'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.e())?;
+        if let Some(k) = got.and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok()) {
+            return Ok(k);
+        }
+        let key: [u8; 32] = rand::random();
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO settings (key, value) VALUES ('chunk_key', ?1)",
+                [&key[..]],
+            )
+            .map_err(self.e())?;
+        Ok(key)
+    }
+
+    /// Starts a run: a fresh run database is attached as `run`.
+    pub fn begin_run(&mut self) -> Result<()> {
+        for suffix in ["", "-journal"] {
+            let mut p = self.run_path.as_os_str().to_owned();
+            p.push(suffix);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(Error::io("removing stale run database", p, err)),
+            }
+        }
+        let run = self.run_path.to_string_lossy().into_owned();
+        self.conn
+            .execute("ATTACH DATABASE ?1 AS run", [run])
+            .map_err(self.e())?;
+        let schema = METADATA_SCHEMA.replace("IF NOT EXISTS ", "IF NOT EXISTS run.");
+        // Index names are qualified by their table's schema, not their own name.
+        let schema = schema.replace("ON run.nodes", "ON nodes");
+        self.conn.execute_batch(&schema).map_err(self.e())?;
+        self.conn.execute_batch("BEGIN").map_err(self.e())?;
+        self.in_run = true;
+        Ok(())
+    }
+
+    /// Commits what the run wrote so far and opens a new transaction.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.conn.execute_batch("COMMIT; BEGIN").map_err(self.e())
+    }
+
+    pub fn prev_file(&self, path: &[u8]) -> Result<Option<(i64, FileStat)>> {
+        self.conn
+            .prepare_cached(
+                "SELECT node_id, dev, ino, size, mtime_ns, ctime_ns FROM main.files WHERE path = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row([path], |r| {
+                    Ok((
+                        r.get(0)?,
+                        FileStat {
+                            dev: r.get::<_, i64>(1)? as u64,
+                            ino: r.get::<_, i64>(2)? as u64,
+                            size: r.get::<_, i64>(3)? as u64,
+                            mtime_ns: r.get(4)?,
+                            ctime_ns: r.get(5)?,
+                        },
+                    ))
+                })
+                .optional()
+            })
+            .map_err(self.e())
+    }
+
+    pub fn insert_node(&self, n: &NewNode<'_>) -> Result<i64> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO run.nodes (path, kind, mode, uid, gid, size, mtime_ns, target, dev, ino, ctime_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    n.path,
+                    n.kind.as_str(),
+                    n.mode,
+                    n.uid,
+                    n.gid,
+                    n.size as i64,
+                    n.mtime_ns,
+                    n.target,
+                    n.stat.dev as i64,
+                    n.stat.ino as i64,
+                    n.stat.ctime_ns
+                ])
+            })
+            .map_err(self.e())?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn insert_xattr(&self, node: i64, name: &[u8], value: &[u8]) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO run.xattrs (node_id, name, value) VALUES (?1, ?2, ?3)",
+            )
+            .and_then(|mut s| s.execute(params![node, name, value]))
+            .map(|_| ())
+            .map_err(self.e())
+    }
+
+    /// Path of a regular file already in this run with the same inode (a hard link).
+    pub fn find_inode(&self, dev: u64, ino: u64) -> Result<Option<Vec<u8>>> {
+        self.conn
+            .prepare_cached(
+                "SELECT path FROM run.nodes WHERE dev = ?1 AND ino = ?2 AND kind = 'file' LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![dev as i64, ino as i64], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(self.e())
+    }
+
+    pub fn remove_node(&self, node: i64) -> Result<()> {
+        self.conn
+            .execute_batch(&format!(
+                "DELETE FROM run.file_chunks WHERE node_id = {node};
+                 DELETE FROM run.xattrs WHERE node_id = {node};
+                 DELETE FROM run.nodes WHERE id = {node};"
+            ))
+            .map_err(self.e())
+    }
+
+    pub fn set_size(&self, node: i64, size: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE run.nodes SET size = ?2 WHERE id = ?1",
+                params![node, size as i64],
+            )
+            .map(|_| ())
+            .map_err(self.e())
+    }
+
+    /// Reuses an unchanged file's chunk list (and the placements of its chunks).
+    pub fn reuse_chunks(&self, old_node: i64, new_node: i64) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO run.file_chunks (node_id, seq, offset, chunk_id)
+                 SELECT ?2, seq, offset, chunk_id FROM main.file_chunks WHERE node_id = ?1",
+            )
+            .and_then(|mut s| s.execute(params![old_node, new_node]))
+            .map_err(self.e())?;
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO run.chunks
+                 SELECT c.* FROM main.file_chunks f JOIN main.chunks c ON c.id = f.chunk_id
+                 WHERE f.node_id = ?1",
+            )
+            .and_then(|mut s| s.execute([old_node]))
+            .map(|_| ())
+            .map_err(self.e())
+    }
+
+    pub fn add_file_chunk(&self, node: i64, seq: u64, offset: u64, id: &ChunkId) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO run.file_chunks (node_id, seq, offset, chunk_id) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut s| s.execute(params![node, seq as i64, offset as i64, &id.0[..]]))
+            .map(|_| ())
+            .map_err(self.e())
+    }
+
+    /// True when the chunk is already stored in a completed blob that this run may use.
+    pub fn chunk_known(&self, id: &ChunkId) -> Result<bool> {
+        let in_run: bool = self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM run.chunks WHERE id = ?1)")
+            .and_then(|mut s| s.query_row([&id.0[..]], |r| r.get(0)))
+            .map_err(self.e())?;
+        if in_run {
+            return Ok(true);
+        }
+        let copied = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO run.chunks SELECT * FROM main.chunks WHERE id = ?1",
+            )
+            .and_then(|mut s| s.execute([&id.0[..]]))
+            .map_err(self.e())?;
+        Ok(copied > 0)
+    }
+
+    pub fn record_blob(&self, b: &BlobDone) -> Result<()> {
+        let id = b.id.to_hex();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO run.blobs (id, size, plain_size, payload_start, hash) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    id,
+                    b.uploaded.size as i64,
+                    b.plain_size as i64,
+                    b.payload_start as i64,
+                    &b.uploaded.hash[..]
+                ])
+            })
+            .map_err(self.e())?;
+        let mut s = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO run.chunks (id, blob_id, offset, clen, ulen) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(self.e())?;
+        for p in &b.entries {
+            s.execute(params![&p.chunk.0[..], id, p.offset as i64, p.clen, p.ulen])
+                .map_err(self.e())?;
+        }
+        Ok(())
+    }
+
+    /// Completes the run database: blob rows for reused chunks, drops chunk rows no file
+    /// references, writes `meta`, and detaches it. Returns its path for upload.
+    pub fn finish_run(&mut self, meta: &[(&str, String)]) -> Result<PathBuf> {
+        let e = sql_err(&self.path);
+        self.conn
+            .execute_batch(
+                "DELETE FROM run.chunks WHERE id NOT IN (SELECT chunk_id FROM run.file_chunks);
+                 INSERT OR IGNORE INTO run.blobs
+                     SELECT * FROM main.blobs WHERE id IN (SELECT blob_id FROM run.chunks);",
+            )
+            .map_err(&e)?;
+        for (k, v) in meta {
+            self.conn
+                .execute(
+                    "INSERT OR REPLACE INTO run.meta (key, value) VALUES (?1, ?2)",
+                    params![k, v],
+                )
+                .map_err(&e)?;
+        }
+        let missing: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM run.chunks WHERE blob_id NOT IN (SELECT id FROM run.blobs)",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(&e)?;
+        if missing > 0 {
+            return Err(Error::Pipeline(format!(
+                "{missing} chunks reference blobs the index does not know"
+            )));
+        }
+        self.conn
+            .execute_batch("COMMIT; DETACH DATABASE run")
+            .map_err(&e)?;
+        self.in_run = false;
+        Ok(self.run_path.clone())
+    }
+
+    /// Makes the uploaded snapshot the index's reference for the next run.
+    pub fn commit_snapshot(&mut self, id: &str, time_unix: i64) -> Result<()> {
+        let run = self.run_path.to_string_lossy().into_owned();
+        let e = sql_err(&self.path);
+        self.conn
+            .execute("ATTACH DATABASE ?1 AS run", [run])
+            .map_err(&e)?;
+        self.conn
+            .execute_batch(
+                "BEGIN;
+                 DELETE FROM main.files;
+                 DELETE FROM main.file_chunks;
+                 DELETE FROM main.chunks;
+                 DELETE FROM main.blobs;
+                 INSERT INTO main.files SELECT path, id, dev, ino, size, mtime_ns, ctime_ns
+                     FROM run.nodes WHERE kind = 'file';
+                 INSERT INTO main.file_chunks SELECT * FROM run.file_chunks;
+                 INSERT INTO main.chunks SELECT * FROM run.chunks;
+                 INSERT INTO main.blobs SELECT * FROM run.blobs;",
+            )
+            .map_err(&e)?;
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO main.snapshots (id, time_unix) VALUES (?1, ?2)",
+                params![id, time_unix],
+            )
+            .map_err(&e)?;
+        self.conn
+            .execute_batch("COMMIT; DETACH DATABASE run")
+            .map_err(&e)?;
+        std::fs::remove_file(&self.run_path)
+            .map_err(|err| Error::io("removing run database", &self.run_path, err))
+    }
+
+    pub fn run_path(&self) -> &Path {
+        &self.run_path
+    }
+}

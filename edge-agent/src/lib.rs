@@ -1,0 +1,20 @@
+//! vaultik's backup engine: scan → chunk → dedup → compress → pack → encrypt → upload,
+//! and the restore side that reverses it with the private key.
+//!
+//! Pure logic (`chunk`, `pack`, `scan::exclude`, `restore::plan`) is kept apart from I/O
+//! (`store`, `index`, `snapshot`, the pipeline drivers in `backup` and `restore`).
+
+pub mod backup;
+pub mod chunk;
+pub mod config;
+pub mod crypt;
+pub mod error;
+pub mod index;
+pub mod pack;
+pub mod progress;
+pub mod restore;
+pub mod scan;
+pub mod snapshot;
+pub mod store;
+
+pub use error::Error;

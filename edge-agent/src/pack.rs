@@ -1,0 +1,244 @@
+//! Blob format v1 (see docs/FORMAT.md). Pure: lays out frames and parses trailers.
+//!
+//! ```text
+//! blob plaintext := MAGIC || frame_1 || … || frame_n || entry_1 || … || entry_n || n:u32le || TRAILER_MAGIC
+//! frame          := one zstd frame holding exactly one chunk
+//! entry          := chunk_id[32] || offset:u64le || clen:u32le || ulen:u32le
+//! ```
+//! The whole plaintext is one age stream, so any frame can be read by decrypting only the
+//! 64 KiB STREAM pieces that cover it. The trailer makes a blob self-describing, which
+//! lets a damaged metadata database be rebuilt from the blobs.
+
+use std::fmt;
+
+use crate::chunk::ChunkId;
+
+pub const BLOB_MAGIC: &[u8; 8] = b"VKBLOB\x00\x01";
+pub const TRAILER_MAGIC: &[u8; 8] = b"VKIDX\x00\x00\x01";
+pub const ENTRY_LEN: usize = 32 + 8 + 4 + 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("blob {blob}: {what}")]
+    Blob { blob: String, what: String },
+    #[error("chunk {chunk}: {what}")]
+    Chunk { chunk: String, what: String },
+}
+
+/// Random 256-bit blob name. Random rather than content-derived so the name says nothing
+/// about the data and is known before the streaming upload starts.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlobId(pub [u8; 32]);
+
+impl BlobId {
+    pub fn random() -> Self {
+        BlobId(rand::random())
+    }
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut b = [0u8; 32];
+        hex::decode_to_slice(s, &mut b).ok()?;
+        Some(BlobId(b))
+    }
+}
+
+impl fmt::Display for BlobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for BlobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BlobId({})", &self.to_hex()[..16])
+    }
+}
+
+/// Where one chunk sits inside a blob's plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub chunk: ChunkId,
+    pub offset: u64,
+    pub clen: u32,
+    pub ulen: u32,
+}
+
+/// Tracks the layout of a blob being written.
+#[derive(Debug, Default)]
+pub struct BlobLayout {
+    entries: Vec<Placement>,
+    len: u64,
+}
+
+impl BlobLayout {
+    pub fn new() -> Self {
+        BlobLayout {
+            entries: Vec::new(),
+            len: BLOB_MAGIC.len() as u64,
+        }
+    }
+
+    /// Records a frame appended at the current end and returns its placement.
+    pub fn push(&mut self, chunk: ChunkId, clen: u32, ulen: u32) -> Placement {
+        let p = Placement {
+            chunk,
+            offset: self.len,
+            clen,
+            ulen,
+        };
+        self.len += u64::from(clen);
+        self.entries.push(p);
+        p
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn entries(&self) -> &[Placement] {
+        &self.entries
+    }
+
+    pub fn trailer(&self) -> Vec<u8> {
+        let mut t = Vec::with_capacity(self.entries.len() * ENTRY_LEN + 12);
+        for e in &self.entries {
+            t.extend_from_slice(&e.chunk.0);
+            t.extend_from_slice(&e.offset.to_le_bytes());
+            t.extend_from_slice(&e.clen.to_le_bytes());
+            t.extend_from_slice(&e.ulen.to_le_bytes());
+        }
+        t.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        t.extend_from_slice(TRAILER_MAGIC);
+        t
+    }
+
+    /// Total plaintext size once the trailer is written.
+    pub fn finished_len(&self) -> u64 {
+        self.len + (self.entries.len() * ENTRY_LEN + 12) as u64
+    }
+
+    pub fn into_entries(self) -> Vec<Placement> {
+        self.entries
+    }
+}
+
+/// Parses a complete blob plaintext and returns its placements, checking that every frame
+/// lies inside the data region. Used by verification and recovery.
+pub fn parse_blob(blob: &str, plain: &[u8]) -> Result<Vec<Placement>, FormatError> {
+    let bad = |what: &str| FormatError::Blob {
+        blob: blob.to_string(),
+        what: what.to_string(),
+    };
+    if plain.len() < BLOB_MAGIC.len() + 12 || &plain[..8] != BLOB_MAGIC {
+        return Err(bad("not a vaultik blob (bad magic)"));
+    }
+    let tail = &plain[plain.len() - 12..];
+    if &tail[4..] != TRAILER_MAGIC {
+        return Err(bad("truncated (no trailer)"));
+    }
+    let n = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]) as usize;
+    let table_len = n
+        .checked_mul(ENTRY_LEN)
+        .filter(|l| *l + 20 <= plain.len())
+        .ok_or_else(|| bad("trailer entry count exceeds the blob"))?;
+    let data_end = (plain.len() - 12 - table_len) as u64;
+    let table = &plain[plain.len() - 12 - table_len..plain.len() - 12];
+    let mut out = Vec::with_capacity(n);
+    for e in table.chunks_exact(ENTRY_LEN) {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&e[..32]);
+        let p = Placement {
+            chunk: ChunkId(id),
+            offset: u64::from_le_bytes(e[32..40].try_into().map_err(|_| bad("entry"))?),
+            clen: u32::from_le_bytes(e[40..44].try_into().map_err(|_| bad("entry"))?),
+            ulen: u32::from_le_bytes(e[44..48].try_into().map_err(|_| bad("entry"))?),
+        };
+        if p.offset < 8 || p.offset + u64::from(p.clen) > data_end {
+            return Err(bad("trailer entry points outside the data region"));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// Decompresses one frame and checks it against its id and expected length.
+pub fn open_frame(
+    frame: &[u8],
+    ulen: u32,
+    expect: ChunkId,
+    hasher: &crate::chunk::ChunkHasher,
+) -> Result<Vec<u8>, FormatError> {
+    let bad = |what: String| FormatError::Chunk {
+        chunk: hex::encode(&expect.0[..8]),
+        what,
+    };
+    let data = zstd::bulk::decompress(frame, ulen as usize)
+        .map_err(|e| bad(format!("does not decompress: {e}")))?;
+    if data.len() != ulen as usize {
+        return Err(bad(format!("is {} bytes, expected {ulen}", data.len())));
+    }
+    if hasher.id(&data) != expect {
+        return Err(bad("hash mismatch (damaged data)".into()));
+    }
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ChunkHasher;
+
+    fn build(chunks: &[&[u8]], h: &ChunkHasher) -> (Vec<u8>, Vec<Placement>) {
+        let mut plain = BLOB_MAGIC.to_vec();
+        let mut layout = BlobLayout::new();
+        for c in chunks {
+            let frame = zstd::bulk::compress(c, 3).unwrap();
+            layout.push(h.id(c), frame.len() as u32, c.len() as u32);
+            plain.extend_from_slice(&frame);
+        }
+        plain.extend_from_slice(&layout.trailer());
+        assert_eq!(plain.len() as u64, layout.finished_len());
+        (plain, layout.into_entries())
+    }
+
+    #[test]
+    fn roundtrip() {
+        let h = ChunkHasher::new([3; 32]);
+        let (plain, entries) = build(&[b"hello", b"", b"world world world"], &h);
+        let parsed = parse_blob("b", &plain).unwrap();
+        assert_eq!(parsed, entries);
+        for (p, want) in parsed
+            .iter()
+            .zip([&b"hello"[..], b"", b"world world world"])
+        {
+            let frame = &plain[p.offset as usize..(p.offset + u64::from(p.clen)) as usize];
+            assert_eq!(open_frame(frame, p.ulen, p.chunk, &h).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let h = ChunkHasher::new([3; 32]);
+        let (plain, entries) = build(&[b"abc"], &h);
+        assert!(parse_blob("b", b"short").is_err());
+        assert!(parse_blob("b", &plain[..plain.len() - 1]).is_err());
+        let mut huge = plain.clone();
+        let n = huge.len() - 12;
+        huge[n..n + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(parse_blob("b", &huge).is_err());
+        let p = entries[0];
+        let frame = &plain[p.offset as usize..(p.offset + u64::from(p.clen)) as usize];
+        let mut flipped = frame.to_vec();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(open_frame(&flipped, p.ulen, p.chunk, &h).is_err());
+        assert!(open_frame(frame, p.ulen, ChunkId([0; 32]), &h).is_err());
+        assert!(open_frame(frame, p.ulen + 1, p.chunk, &h).is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! Snapshot identity, the small encrypted manifest that commits a snapshot, and the
+//! schema of the metadata database (format v1, see docs/FORMAT.md).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub const METADATA_FORMAT: u32 = 1;
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// 128 random bits: names a snapshot without revealing its time or host.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SnapshotId(pub [u8; 16]);
+
+impl SnapshotId {
+    pub fn random() -> Self {
+        SnapshotId(rand::random())
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut b = [0u8; 16];
+        hex::decode_to_slice(s, &mut b).ok()?;
+        Some(SnapshotId(b))
+    }
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SnapshotId({self})")
+    }
+}
+
+/// Counts reported at the end of a backup and kept in the manifest.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Summary {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub hardlinks: u64,
+    /// Bytes of regular-file content in the snapshot.
+    pub bytes: u64,
+    /// Bytes of file content that were read and chunked (changed or new files).
+    pub bytes_read: u64,
+    /// Uncompressed bytes of chunks that were not stored before.
+    pub new_bytes: u64,
+    pub new_chunks: u64,
+    /// Bytes uploaded for blobs (encrypted, compressed).
+    pub uploaded_bytes: u64,
+    pub new_blobs: u64,
+    /// Entries that could not be read and are not in the snapshot.
+    pub skipped: u64,
+}
+
+/// The manifest: `age(JSON)`. Its upload is the last write of a backup, so a snapshot is
+/// listed only once its metadata and every blob it references are complete.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub id: String,
+    pub hostname: String,
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub time_unix: i64,
+    pub source_dirs: Vec<String>,
+    pub metadata_size: u64,
+    /// BLAKE3 of the encrypted metadata object, hex.
+    pub metadata_hash: String,
+    pub summary: Summary,
+}
+
+/// Schema of the metadata database (also used for the run database while a backup is in
+/// progress). Paths are raw bytes relative to `/`.
+pub const METADATA_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    id INTEGER PRIMARY KEY,
+    path BLOB NOT NULL UNIQUE,
+    kind TEXT NOT NULL CHECK (kind IN ('file', 'dir', 'symlink', 'hardlink')),
+    mode INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    target BLOB,
+    dev INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS nodes_inode ON nodes (dev, ino);
+CREATE TABLE IF NOT EXISTS xattrs (
+    node_id INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (node_id, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS file_chunks (
+    node_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    chunk_id BLOB NOT NULL,
+    PRIMARY KEY (node_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks (
+    id BLOB PRIMARY KEY,
+    blob_id TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    clen INTEGER NOT NULL,
+    ulen INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs (
+    id TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    plain_size INTEGER NOT NULL,
+    payload_start INTEGER NOT NULL,
+    hash BLOB NOT NULL
+) WITHOUT ROWID;
+";
+
+/// Node kinds as stored in `nodes.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    File,
+    Dir,
+    Symlink,
+    Hardlink,
+}
+
+impl NodeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeKind::File => "file",
+            NodeKind::Dir => "dir",
+            NodeKind::Symlink => "symlink",
+            NodeKind::Hardlink => "hardlink",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "file" => NodeKind::File,
+            "dir" => NodeKind::Dir,
+            "symlink" => NodeKind::Symlink,
+            "hardlink" => NodeKind::Hardlink,
+            _ => return None,
+        })
+    }
+}
+
+/// Reads a `meta` value.
+pub fn meta_value(conn: &rusqlite::Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    use rusqlite::OptionalExtension;
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+}

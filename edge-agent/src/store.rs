@@ -1,0 +1,390 @@
+//! The only module that talks to object storage. Wraps `object_store` (S3 or a local
+//! directory) behind a blocking API for the pipeline threads, lays out object keys, and
+//! streams uploads into multipart uploads with bounded memory.
+
+use std::io::{self, Write};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as Key;
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig, WriteMultipart,
+};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+
+use crate::config::{Destination, join_prefix};
+use crate::pack::BlobId;
+use crate::snapshot::SnapshotId;
+
+/// Multipart part size: S3's minimum, so an upload holds little memory.
+pub const PART_SIZE: usize = 5 << 20;
+/// Parts uploaded concurrently per object.
+pub const PARTS_IN_FLIGHT: usize = 2;
+/// Size of the buffers handed from a pipeline thread to the uploader task.
+const HANDOFF: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("destination {dest}: {message}")]
+    Open { dest: String, message: String },
+    #[error("object {key} not found")]
+    NotFound { key: String },
+    #[error("{op} {key}: {source}")]
+    Op {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("upload of {key} stopped before it finished")]
+    Interrupted { key: String },
+}
+
+impl StoreError {
+    fn op(op: &'static str, key: &Key, source: object_store::Error) -> Self {
+        match source {
+            object_store::Error::NotFound { .. } => StoreError::NotFound {
+                key: key.to_string(),
+            },
+            source => StoreError::Op {
+                op,
+                key: key.to_string(),
+                source,
+            },
+        }
+    }
+}
+
+/// What an upload produced: the object's size and BLAKE3 of its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uploaded {
+    pub size: u64,
+    pub hash: [u8; 32],
+}
+
+/// One listed object.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+}
+
+/// A repository: an object store, a key prefix, and the layout of keys below it.
+#[derive(Clone)]
+pub struct Repo {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    index_prefix: String,
+    rt: Handle,
+}
+
+fn install_crypto_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Another component may have installed ring already; either way ring is in use.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+impl Repo {
+    /// Opens a destination. `create` makes a missing local directory (backup side);
+    /// restore-side commands want an error instead.
+    pub fn open(
+        dest: &Destination,
+        index_prefix: &str,
+        create: bool,
+        rt: Handle,
+    ) -> Result<Self, StoreError> {
+        install_crypto_provider();
+        let store: Arc<dyn ObjectStore> = match dest {
+            Destination::Local { root, .. } => {
+                let open_err = |message: String| StoreError::Open {
+                    dest: root.display().to_string(),
+                    message,
+                };
+                if create {
+                    std::fs::create_dir_all(root).map_err(|e| open_err(e.to_string()))?;
+                } else if !root.is_dir() {
+                    return Err(open_err("no such directory".into()));
+                }
+                Arc::new(
+                    LocalFileSystem::new_with_prefix(root).map_err(|e| open_err(e.to_string()))?,
+                )
+            }
+            Destination::S3(t) => {
+                let mut b = AmazonS3Builder::from_env().with_bucket_name(&t.bucket);
+                let endpoint = t
+                    .endpoint
+                    .clone()
+                    .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+                if let Some(ep) = &endpoint {
+                    b = b.with_endpoint(ep).with_virtual_hosted_style_request(false);
+                }
+                let region = t
+                    .region
+                    .clone()
+                    .or_else(|| std::env::var("AWS_REGION").ok());
+                b = b.with_region(region.unwrap_or_else(|| "us-east-1".into()));
+                if let Some(k) = &t.access_key_id {
+                    b = b.with_access_key_id(k);
+                }
+                if let Some(s) = &t.secret_access_key {
+                    b = b.with_secret_access_key(s);
+                }
+                let http = endpoint
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("http://"));
+                b = b
+                    .with_client_options(
+                        ClientOptions::new()
+                            .with_allow_http(http)
+                            .with_connect_timeout(Duration::from_secs(10))
+                            .with_timeout(Duration::from_secs(300)),
+                    )
+                    .with_retry(RetryConfig {
+                        backoff: BackoffConfig::default(),
+                        max_retries: 4,
+                        retry_timeout: Duration::from_secs(60),
+                    });
+                Arc::new(b.build().map_err(|e| StoreError::Open {
+                    dest: format!("s3://{}", t.bucket),
+                    message: e.to_string(),
+                })?)
+            }
+        };
+        Ok(Repo {
+            store,
+            prefix: join_prefix(dest.prefix(), ""),
+            index_prefix: join_prefix(index_prefix, ""),
+            rt,
+        })
+    }
+
+    pub fn runtime(&self) -> &Handle {
+        &self.rt
+    }
+
+    fn key(&self, rest: &str) -> Key {
+        Key::from(join_prefix(&self.prefix, rest))
+    }
+
+    pub fn blob_key(&self, id: &BlobId) -> Key {
+        let hex = id.to_hex();
+        self.key(&format!("blobs/{}/{hex}", &hex[..2]))
+    }
+
+    pub fn blobs_dir(&self) -> Key {
+        self.key("blobs")
+    }
+
+    pub fn index_dir(&self) -> Key {
+        self.key(&self.index_prefix)
+    }
+
+    /// The small encrypted manifest; its presence is what makes a snapshot exist.
+    pub fn manifest_key(&self, id: &SnapshotId) -> Key {
+        self.key(&join_prefix(&self.index_prefix, &format!("{id}.snapshot")))
+    }
+
+    /// The encrypted, compressed SQLite metadata database of a snapshot.
+    pub fn metadata_key(&self, id: &SnapshotId) -> Key {
+        self.key(&join_prefix(&self.index_prefix, &format!("{id}.metadata")))
+    }
+
+    /// Starts a streaming upload. Write to it, then call [`Upload::finish`]; dropping it
+    /// aborts the multipart upload.
+    pub fn upload(&self, key: Key) -> Upload {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(1);
+        let store = self.store.clone();
+        let task_key = key.clone();
+        let task = self.rt.spawn(async move {
+            let up = store
+                .put_multipart(&task_key)
+                .await
+                .map_err(|e| StoreError::op("start upload", &task_key, e))?;
+            let mut w = WriteMultipart::new_with_chunk_size(up, PART_SIZE);
+            let mut finished = false;
+            while let Some(b) = rx.recv().await {
+                if b.is_empty() {
+                    // An empty buffer is the writer's "finish" signal.
+                    finished = true;
+                    break;
+                }
+                if let Err(e) = w.wait_for_capacity(PARTS_IN_FLIGHT).await {
+                    let _ = w.abort().await;
+                    return Err(StoreError::op("upload", &task_key, e));
+                }
+                w.put(b);
+            }
+            if !finished {
+                let _ = w.abort().await;
+                return Err(StoreError::Interrupted {
+                    key: task_key.to_string(),
+                });
+            }
+            w.finish()
+                .await
+                .map_err(|e| StoreError::op("finish upload", &task_key, e))?;
+            Ok(())
+        });
+        Upload {
+            key,
+            tx: Some(tx),
+            buf: Vec::with_capacity(HANDOFF),
+            hasher: blake3::Hasher::new(),
+            size: 0,
+            task: Some(task),
+            rt: self.rt.clone(),
+        }
+    }
+
+    /// Writes a small object in one request.
+    pub fn put(&self, key: &Key, data: Vec<u8>) -> Result<(), StoreError> {
+        self.rt
+            .block_on(self.store.put(key, data.into()))
+            .map(|_| ())
+            .map_err(|e| StoreError::op("put", key, e))
+    }
+
+    pub fn get(&self, key: &Key) -> Result<Bytes, StoreError> {
+        self.rt
+            .block_on(async { self.store.get(key).await?.bytes().await })
+            .map_err(|e| StoreError::op("get", key, e))
+    }
+
+    pub fn get_range(&self, key: &Key, range: Range<u64>) -> Result<Bytes, StoreError> {
+        self.rt
+            .block_on(self.store.get_range(key, range))
+            .map_err(|e| StoreError::op("get range of", key, e))
+    }
+
+    pub fn size(&self, key: &Key) -> Result<u64, StoreError> {
+        self.rt
+            .block_on(self.store.head(key))
+            .map(|m| m.size)
+            .map_err(|e| StoreError::op("stat", key, e))
+    }
+
+    /// Lists every object under `dir`. A failed listing is an error, never "empty".
+    pub fn list(&self, dir: &Key) -> Result<Vec<Listed>, StoreError> {
+        self.rt
+            .block_on(self.store.list(Some(dir)).try_collect::<Vec<_>>())
+            .map(|v| {
+                v.into_iter()
+                    .map(|m| Listed {
+                        key: m.location.to_string(),
+                        size: m.size,
+                    })
+                    .collect()
+            })
+            .map_err(|e| StoreError::op("list", dir, e))
+    }
+
+    pub fn delete(&self, key: &Key) -> Result<(), StoreError> {
+        self.rt
+            .block_on(self.store.delete(key))
+            .map_err(|e| StoreError::op("delete", key, e))
+    }
+}
+
+/// A streaming upload: a blocking `Write` that hands buffers to an async multipart task.
+/// Memory held: one hand-off buffer plus [`PARTS_IN_FLIGHT`] parts.
+pub struct Upload {
+    key: Key,
+    tx: Option<mpsc::Sender<Bytes>>,
+    buf: Vec<u8>,
+    hasher: blake3::Hasher,
+    size: u64,
+    task: Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
+    rt: Handle,
+}
+
+impl Upload {
+    fn send(&mut self, b: Bytes) -> io::Result<()> {
+        let sent = self.tx.as_ref().map(|tx| tx.blocking_send(b));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            // The task ended early: surface its error rather than a closed channel.
+            _ => Err(io::Error::other(self.join_err())),
+        }
+    }
+
+    fn join_err(&mut self) -> StoreError {
+        self.tx = None;
+        match self.task.take().map(|t| self.rt.block_on(t)) {
+            Some(Ok(Err(e))) => e,
+            _ => StoreError::Interrupted {
+                key: self.key.to_string(),
+            },
+        }
+    }
+
+    /// Completes the multipart upload; only then does the object exist.
+    pub fn finish(mut self) -> Result<Uploaded, StoreError> {
+        let rest = std::mem::take(&mut self.buf);
+        if !rest.is_empty() {
+            self.send(rest.into()).map_err(|_| self.join_err())?;
+        }
+        self.send(Bytes::new()).map_err(|_| self.join_err())?;
+        self.tx = None;
+        match self.task.take().map(|t| self.rt.block_on(t)) {
+            Some(Ok(Ok(()))) => Ok(Uploaded {
+                size: self.size,
+                hash: *self.hasher.finalize().as_bytes(),
+            }),
+            Some(Ok(Err(e))) => Err(e),
+            _ => Err(StoreError::Interrupted {
+                key: self.key.to_string(),
+            }),
+        }
+    }
+
+    pub fn bytes_written(&self) -> u64 {
+        self.size
+    }
+}
+
+impl Write for Upload {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.hasher.update(data);
+        self.size += data.len() as u64;
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= HANDOFF {
+            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(HANDOFF));
+            self.send(full.into())?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        // Closing the channel without the finish signal makes the task abort the upload.
+        self.tx = None;
+    }
+}
+
+/// A local destination root, for callers that print where things went.
+pub fn describe(dest: &Destination) -> String {
+    match dest {
+        Destination::Local { root, prefix } => {
+            let mut p = PathBuf::from(root);
+            if !prefix.is_empty() {
+                p.push(prefix);
+            }
+            format!("file://{}", p.display())
+        }
+        Destination::S3(t) => format!("s3://{}/{}", t.bucket, t.prefix),
+    }
+}
