@@ -164,9 +164,12 @@ impl<'de> Deserialize<'de> for ByteSize {
             N(u64),
             S(String),
         }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(ByteSize(n)),
-            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        match Raw::deserialize(d) {
+            Ok(Raw::N(n)) => Ok(ByteSize(n)),
+            Ok(Raw::S(s)) => s.parse().map_err(serde::de::Error::custom),
+            Err(_) => Err(serde::de::Error::custom(
+                "expected a size such as 4MiB, 10MB or 1048576",
+            )),
         }
     }
 }
@@ -250,7 +253,23 @@ impl Config {
             path: path.to_path_buf(),
             message,
         };
-        let raw: RawConfig = serde_norway::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(
+            serde_norway::Deserializer::from_str(text),
+        )
+        .map_err(|e| {
+            let path = e.path().to_string();
+            let mut msg = e.into_inner().to_string();
+            if !msg.contains(" line ") {
+                if let Some(line) = line_of_key(text, &path) {
+                    msg = format!("{msg} at line {line}");
+                }
+            }
+            if path == "." || msg.contains(&path) {
+                invalid(msg)
+            } else {
+                invalid(format!("{path}: {msg}"))
+            }
+        })?;
 
         if raw.source_dirs.is_empty() {
             return Err(invalid(
@@ -337,6 +356,21 @@ impl Config {
     }
 }
 
+/// 1-based line of the last key of a dotted path such as `s3.bucket`, for errors the
+/// YAML parser reports without a position.
+fn line_of_key(text: &str, path: &str) -> Option<usize> {
+    let key = path
+        .rsplit('.')
+        .find(|k| !k.is_empty() && !k.starts_with('['))?;
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start().trim_start_matches("- ");
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with(':'))
+        })
+        .map(|i| i + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,14 +403,17 @@ mod tests {
         let text = SEED.replace("index_prefix: index/", "index_prefx: index/");
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("index_prefx"), "{e}");
-        assert!(e.contains("line 22"), "{e}");
+        assert!(e.contains("line 21"), "{e}");
     }
 
     #[test]
     fn bad_size_is_named() {
         let text = SEED.replace("chunk_size: 10MB", "chunk_size: ten");
         let e = parse(&text).unwrap_err().to_string();
-        assert!(e.contains("chunk_size") && e.contains("ten"), "{e}");
+        assert!(
+            e.contains("chunk_size") && e.contains("ten") && e.contains("line 19"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use age::secrecy::ExposeSecret;
 use bytes::Bytes;
 use object_store::path::Path as Key;
 
-use crate::store::{Repo, StoreError};
+use crate::store::Repo;
 
 /// age STREAM plaintext piece size and its ciphertext size (piece + Poly1305 tag).
 pub const STREAM_CHUNK: u64 = 64 * 1024;
@@ -167,6 +167,9 @@ pub struct RemoteReader {
     buf: Bytes,
     buf_start: u64,
     fetch_until: Arc<AtomicU64>,
+    /// Used instead of ranged GETs when the server does not honour them; `buf` then
+    /// holds the stream's current piece.
+    stream: Option<crate::store::ObjectStream>,
 }
 
 impl RemoteReader {
@@ -181,9 +184,41 @@ impl RemoteReader {
                 buf: Bytes::new(),
                 buf_start: 0,
                 fetch_until: hint.clone(),
+                stream: None,
             },
             hint,
         )
+    }
+}
+
+impl RemoteReader {
+    /// Advances (or restarts) the whole-object stream until `buf` covers `pos`.
+    fn stream_to_pos(&mut self) -> io::Result<()> {
+        let end_of_buf = self.buf_start + self.buf.len() as u64;
+        if self.stream.is_none() || self.pos < self.buf_start {
+            self.stream = Some(self.repo.stream(&self.key).map_err(io::Error::other)?);
+            self.buf = Bytes::new();
+            self.buf_start = 0;
+        } else {
+            self.buf_start = end_of_buf;
+            self.buf = Bytes::new();
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            if self.pos < self.buf_start + self.buf.len() as u64 {
+                return Ok(());
+            }
+            self.buf_start += self.buf.len() as u64;
+            match stream.next_piece().map_err(io::Error::other)? {
+                Some(piece) => self.buf = piece,
+                None => {
+                    self.buf = Bytes::new();
+                    return Ok(());
+                }
+            }
+        }
     }
 }
 
@@ -194,16 +229,25 @@ impl Read for RemoteReader {
         }
         let in_buf =
             self.pos >= self.buf_start && self.pos < self.buf_start + self.buf.len() as u64;
-        if !in_buf {
+        if !in_buf && !self.repo.ranges_work() {
+            self.stream_to_pos()?;
+            if self.buf.is_empty() {
+                return Ok(0);
+            }
+        } else if !in_buf {
             let hint = self.fetch_until.load(Ordering::Relaxed);
             let end = hint
                 .max(self.pos + out.len() as u64)
                 .max(self.pos + 4096)
                 .min(self.len);
-            self.buf = self
-                .repo
-                .get_range(&self.key, self.pos..end)
-                .map_err(|e: StoreError| io::Error::other(e))?;
+            self.buf = match self.repo.get_range(&self.key, self.pos..end, self.len) {
+                Ok(b) => b,
+                Err(_) if !self.repo.ranges_work() => {
+                    self.stream_to_pos()?;
+                    self.buf.clone()
+                }
+                Err(e) => return Err(io::Error::other(e)),
+            };
             self.buf_start = self.pos;
             if self.buf.is_empty() {
                 return Ok(0);
@@ -286,7 +330,11 @@ mod tests {
             cipher_offset(100, STREAM_CHUNK),
             100 + STREAM_CHUNK_ENCRYPTED
         );
-        assert_eq!(cipher_end(100, 1, 10_000), 100 + STREAM_CHUNK_ENCRYPTED);
+        assert_eq!(cipher_end(100, 1, 1 << 20), 100 + STREAM_CHUNK_ENCRYPTED);
+        assert_eq!(
+            cipher_end(100, STREAM_CHUNK + 1, 1 << 20),
+            100 + 2 * STREAM_CHUNK_ENCRYPTED
+        );
         assert_eq!(cipher_end(100, 1, 150), 150);
     }
 }

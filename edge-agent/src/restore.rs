@@ -348,7 +348,6 @@ pub fn restore(
     }
 
     // 2. The tree: directories, then empty files of the right size (holes until written).
-    std::fs::create_dir_all(&sel.dest).map_err(|e| Error::io("creating", &sel.dest, e))?;
     for n in &nodes {
         match n.kind {
             NodeKind::Dir => {
@@ -588,11 +587,14 @@ impl<'a> BlobWorker<'a> {
             return Ok(bad);
         };
         let key = self.repo.blob_key(&blob_id);
-        let (reader, hint) = RemoteReader::new(self.repo.clone(), key, size as u64);
-        hint.store(payload_start as u64, Ordering::Relaxed);
-        let mut plain = match self.ids.decrypt(reader, &format!("blob {blob}")) {
-            Ok(p) => p,
-            Err(e @ KeyError::WrongKey { .. }) => return Err(e.into()),
+        let what = format!("blob {blob}");
+        let geom = Geometry {
+            size: size as u64,
+            payload_start: payload_start as u64,
+        };
+        let mut reader = match self.open_blob(&key, geom, &what) {
+            Ok(r) => r,
+            Err(Error::Key(e @ KeyError::WrongKey { .. })) => return Err(e.into()),
             Err(e) => {
                 for w in &wants {
                     self.mark_damaged(&w.id, &e.to_string(), &mut bad)?;
@@ -604,44 +606,45 @@ impl<'a> BlobWorker<'a> {
             let start = wants[span.start].offset;
             let last = &wants[span.end - 1];
             let end = last.offset + u64::from(last.clen);
-            hint.store(
-                cipher_end(payload_start as u64, end, size as u64),
-                Ordering::Relaxed,
-            );
             let mut buf = vec![0u8; (end - start) as usize];
-            let read = plain
-                .seek(SeekFrom::Start(start))
-                .and_then(|_| plain.read_exact(&mut buf));
-            if read.is_err() {
-                // Part of the span is damaged: retry chunk by chunk to save the rest.
+            if reader.read_at(start, &mut buf).is_ok() {
                 for w in &wants[span] {
-                    let mut one = vec![0u8; w.clen as usize];
-                    hint.store(
-                        cipher_end(
-                            payload_start as u64,
-                            w.offset + u64::from(w.clen),
-                            size as u64,
-                        ),
-                        Ordering::Relaxed,
-                    );
-                    match plain
-                        .seek(SeekFrom::Start(w.offset))
-                        .and_then(|_| plain.read_exact(&mut one))
-                    {
-                        Ok(()) => self.place(w, &one, &mut bad)?,
-                        Err(e) => {
-                            self.mark_damaged(&w.id, &format!("blob {blob}: {e}"), &mut bad)?
-                        }
-                    }
+                    let at = (w.offset - start) as usize;
+                    self.place(w, &buf[at..at + w.clen as usize], &mut bad)?;
                 }
                 continue;
             }
+            // Part of the span is damaged. age refuses to read on after an authentication
+            // failure, so retry chunk by chunk, each with a fresh decryptor.
             for w in &wants[span] {
-                let at = (w.offset - start) as usize;
-                self.place(w, &buf[at..at + w.clen as usize], &mut bad)?;
+                let mut one = vec![0u8; w.clen as usize];
+                let got = self.open_blob(&key, geom, &what).and_then(|mut r| {
+                    r.read_at(w.offset, &mut one)
+                        .map_err(|e| Error::io("reading", &what, e))
+                });
+                match got {
+                    Ok(()) => self.place(w, &one, &mut bad)?,
+                    Err(e) => self.mark_damaged(&w.id, &e.to_string(), &mut bad)?,
+                }
             }
+            reader = match self.open_blob(&key, geom, &what) {
+                Ok(r) => r,
+                Err(_) => break,
+            };
         }
         Ok(bad)
+    }
+
+    fn open_blob(
+        &self,
+        key: &object_store::path::Path,
+        g: Geometry,
+        what: &str,
+    ) -> Result<BlobReader> {
+        let (remote, hint) = RemoteReader::new(self.repo.clone(), key.clone(), g.size);
+        hint.store(g.payload_start, Ordering::Relaxed);
+        let plain = self.ids.decrypt(remote, what)?;
+        Ok(BlobReader { plain, hint, g })
     }
 
     fn place(&self, w: &Want, frame: &[u8], bad: &mut Vec<(PathBuf, String)>) -> Result<()> {
@@ -694,6 +697,28 @@ impl<'a> BlobWorker<'a> {
             ));
         }
         Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Geometry {
+    size: u64,
+    payload_start: u64,
+}
+
+/// A decrypting reader over one remote blob that fetches exactly the ciphertext needed.
+struct BlobReader {
+    plain: age::stream::StreamReader<RemoteReader>,
+    hint: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    g: Geometry,
+}
+
+impl BlobReader {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let end = cipher_end(self.g.payload_start, offset + buf.len() as u64, self.g.size);
+        self.hint.store(end, Ordering::Relaxed);
+        self.plain.seek(SeekFrom::Start(offset))?;
+        self.plain.read_exact(buf)
     }
 }
 

@@ -83,6 +83,9 @@ pub struct Repo {
     prefix: String,
     index_prefix: String,
     rt: Handle,
+    /// Set once the server is seen answering ranged GETs with 200 (rclone 1.75 does):
+    /// readers then stream whole objects forward instead.
+    no_ranges: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn install_crypto_provider() {
@@ -164,6 +167,7 @@ impl Repo {
             prefix: join_prefix(dest.prefix(), ""),
             index_prefix: join_prefix(index_prefix, ""),
             rt,
+            no_ranges: Arc::default(),
         })
     }
 
@@ -259,10 +263,40 @@ impl Repo {
             .map_err(|e| StoreError::op("get", key, e))
     }
 
-    pub fn get_range(&self, key: &Key, range: Range<u64>) -> Result<Bytes, StoreError> {
+    /// Reads `range` of an object whose size is `len`.
+    pub fn get_range(&self, key: &Key, range: Range<u64>, len: u64) -> Result<Bytes, StoreError> {
+        if range.start == 0 && range.end >= len {
+            // Some servers answer a whole-object range with 200 rather than 206.
+            return self.get(key);
+        }
         self.rt
             .block_on(self.store.get_range(key, range))
-            .map_err(|e| StoreError::op("get range of", key, e))
+            .map_err(|e| {
+                if e.to_string().contains("non-partial response") {
+                    self.no_ranges
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                StoreError::op("get range of", key, e)
+            })
+    }
+
+    /// Whether ranged reads work against this server (see `no_ranges`).
+    pub fn ranges_work(&self) -> bool {
+        !self.no_ranges.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Opens a whole-object GET to be read forward in pieces.
+    pub fn stream(&self, key: &Key) -> Result<ObjectStream, StoreError> {
+        let s = self
+            .rt
+            .block_on(self.store.get(key))
+            .map_err(|e| StoreError::op("get", key, e))?
+            .into_stream();
+        Ok(ObjectStream {
+            inner: s,
+            rt: self.rt.clone(),
+            key: key.clone(),
+        })
     }
 
     pub fn size(&self, key: &Key) -> Result<u64, StoreError> {
@@ -291,6 +325,24 @@ impl Repo {
         self.rt
             .block_on(self.store.delete(key))
             .map_err(|e| StoreError::op("delete", key, e))
+    }
+}
+
+/// A whole object, read forward piece by piece.
+pub struct ObjectStream {
+    inner: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    rt: Handle,
+    key: Key,
+}
+
+impl ObjectStream {
+    /// The next piece, or `None` at the end.
+    pub fn next_piece(&mut self) -> Result<Option<Bytes>, StoreError> {
+        use futures::StreamExt;
+        self.rt
+            .block_on(self.inner.next())
+            .transpose()
+            .map_err(|e| StoreError::op("get", &self.key, e))
     }
 }
 

@@ -1,0 +1,430 @@
+//! Shared test support: a real S3 server (s3s-fs over HTTP on 127.0.0.1), an external one
+//! (`rclone serve s3`), a byte-counting TCP proxy, trees with every metadata case, and a
+//! stat-for-stat comparison of two trees.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+pub const AK: &str = "vaultik-test-ak";
+pub const SK: &str = "vaultik-test-secret-key";
+pub const BUCKET: &str = "bucket";
+
+/// An in-process S3 server on its own runtime thread.
+pub struct S3Server {
+    pub endpoint: String,
+    pub root: tempfile::TempDir,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl S3Server {
+    pub fn start() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join(BUCKET)).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
+        let mut b = s3s::service::S3ServiceBuilder::new(fs);
+        b.set_auth(s3s::auth::SimpleAuth::from_single(AK, SK));
+        let service = b.build();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        rt.spawn(async move {
+            let http =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    continue;
+                };
+                let conn = http
+                    .serve_connection(hyper_util::rt::TokioIo::new(sock), service.clone())
+                    .into_owned();
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+        });
+        S3Server {
+            endpoint: format!("http://{addr}"),
+            root,
+            _rt: rt,
+        }
+    }
+
+    pub fn bucket_dir(&self) -> PathBuf {
+        self.root.path().join(BUCKET)
+    }
+}
+
+/// `rclone serve s3` on a free loopback port: an S3 server independent of ours.
+pub struct Rclone {
+    pub endpoint: String,
+    pub root: tempfile::TempDir,
+    child: Child,
+}
+
+impl Rclone {
+    pub fn start() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join(BUCKET)).unwrap();
+        let port = free_port();
+        let child = Command::new("rclone")
+            .args(["serve", "s3", "--auth-key", &format!("{AK},{SK}")])
+            .args(["--addr", &format!("127.0.0.1:{port}")])
+            .arg(root.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("rclone is needed for this test: run ./scripts/test.sh, which installs it");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Rclone {
+                    endpoint: format!("http://127.0.0.1:{port}"),
+                    root,
+                    child,
+                };
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("rclone serve s3 did not start listening on 127.0.0.1:{port}");
+    }
+}
+
+impl Drop for Rclone {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A TCP proxy that counts the bytes flowing from the server to the client.
+pub struct CountingProxy {
+    pub endpoint: String,
+    pub down: Arc<AtomicU64>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl CountingProxy {
+    pub fn start(upstream: &str) -> Self {
+        let up: SocketAddr = upstream.trim_start_matches("http://").parse().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let down = Arc::new(AtomicU64::new(0));
+        let counter = down.clone();
+        rt.spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(up).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.split();
+                    let (mut sr, mut sw) = server.split();
+                    let c2s = tokio::io::copy(&mut cr, &mut sw);
+                    let s2c = async {
+                        let n = tokio::io::copy(&mut sr, &mut cw).await.unwrap_or(0);
+                        counter.fetch_add(n, Ordering::Relaxed);
+                    };
+                    let _ = tokio::join!(c2s, s2c);
+                });
+            }
+        });
+        CountingProxy {
+            endpoint: format!("http://{addr}"),
+            down,
+            _rt: rt,
+        }
+    }
+}
+
+/// A key pair made with the real `vaultik keygen`.
+pub struct Key {
+    pub file: PathBuf,
+    pub secret: String,
+    pub public: String,
+}
+
+pub fn keygen(dir: &Path) -> Key {
+    let file = dir.join("key.txt");
+    let out = vaultik(&["keygen", "-o", file.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "keygen: {}", stderr(&out));
+    let secret = std::fs::read_to_string(&file).unwrap();
+    let public = secret
+        .lines()
+        .find_map(|l| l.strip_prefix("# public key: "))
+        .unwrap()
+        .to_string();
+    Key {
+        file,
+        secret,
+        public,
+    }
+}
+
+pub fn vaultik(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vaultik"));
+    c.args(args).env_remove("VAULTIK_PRIVATE_KEY");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn s3_config(
+    dir: &Path,
+    endpoint: &str,
+    prefix: &str,
+    sources: &[&Path],
+    key: &Key,
+    extra: &str,
+) -> PathBuf {
+    let srcs: Vec<String> = sources
+        .iter()
+        .map(|s| format!("  - {}", s.display()))
+        .collect();
+    let text = format!(
+        "source_dirs:\n{}\nage_recipient: {}\ns3:\n  endpoint: {endpoint}\n  bucket: {BUCKET}\n  prefix: {prefix}\n  access_key_id: {AK}\n  secret_access_key: {SK}\n  region: us-east-1\nindex_path: {}\n{extra}",
+        srcs.join("\n"),
+        key.public,
+        dir.join("state/index.sqlite").display()
+    );
+    let path = dir.join("vaultik.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Environment for the restore-side commands against an S3 endpoint.
+pub fn s3_env<'a>(endpoint: &'a str, key: &'a Key) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", AK),
+        ("AWS_SECRET_ACCESS_KEY", SK),
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_REGION", "us-east-1"),
+        ("VAULTIK_PRIVATE_KEY", key.secret.as_str()),
+    ]
+}
+
+fn set_mtime(p: &Path, secs: i64, nanos: u32) {
+    let t = filetime::FileTime::from_unix_time(secs, nanos);
+    filetime::set_symlink_file_times(p, t, t).unwrap();
+}
+
+/// Builds a tree with every case restore must reproduce. `big` adds a 3 GiB sparse file.
+pub fn fidelity_tree(root: &Path, big: bool) {
+    use std::os::unix::ffi::OsStrExt;
+    let p = |s: &str| root.join(s);
+    std::fs::create_dir_all(p("dir/empty")).unwrap();
+    std::fs::create_dir_all(p("dir/sub")).unwrap();
+    std::fs::write(p("dir/hello.txt"), b"hello, world\n").unwrap();
+    std::fs::write(p("zero-bytes"), b"").unwrap();
+    std::fs::write(p("dir/sub/random.bin"), pseudo_random(3 << 20, 1)).unwrap();
+    // Same content twice: stored once.
+    std::fs::write(p("dir/sub/copy.bin"), pseudo_random(3 << 20, 1)).unwrap();
+    // Names that are not UTF-8 or contain a newline.
+    let odd = root.join(std::ffi::OsStr::from_bytes(b"odd-\xff\xfe-name"));
+    std::fs::write(&odd, b"latin-1 name").unwrap();
+    std::fs::write(p("new\nline"), b"newline in the name").unwrap();
+    // Long component and deep nesting.
+    let long = "L".repeat(255);
+    std::fs::write(root.join(&long), b"long name").unwrap();
+    let mut deep = p("deep");
+    for i in 0..40 {
+        deep.push(format!("level-{i:02}-{}", "d".repeat(40)));
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::write(deep.join("bottom.txt"), b"deep file").unwrap();
+    // Links: symlinks (one dangling, one to a dir), hard links.
+    std::os::unix::fs::symlink("hello.txt", p("dir/link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", p("dangling")).unwrap();
+    std::os::unix::fs::symlink("sub", p("dir/dirlink")).unwrap();
+    std::fs::write(p("hard-a"), b"shared inode").unwrap();
+    std::fs::hard_link(p("hard-a"), p("dir/hard-b")).unwrap();
+    std::fs::hard_link(p("hard-a"), p("hard-c")).unwrap();
+    // Modes, owners, xattrs.
+    std::fs::write(p("script.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(p("script.sh"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::write(p("secret"), b"mode 600").unwrap();
+    std::fs::set_permissions(p("secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(p("dir/sub"), std::fs::Permissions::from_mode(0o2755)).unwrap();
+    std::fs::write(p("owned"), b"owned by someone else").unwrap();
+    std::os::unix::fs::lchown(p("owned"), Some(1234), Some(5678)).unwrap();
+    xattr::set(p("dir/hello.txt"), "user.vaultik", b"xattr value\x00\x01").unwrap();
+    xattr::set(p("dir/sub"), "user.on-a-dir", b"yes").unwrap();
+    // Sparse: a hole, data, a hole.
+    if big {
+        let f = std::fs::File::create(p("sparse-3g")).unwrap();
+        f.set_len(3 << 30).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"data in the middle of a hole", 1 << 30)
+            .unwrap();
+    }
+    // Nanosecond mtimes everywhere, directories last.
+    let mut all: Vec<PathBuf> = walk(root).into_iter().map(|(p, _)| p).collect();
+    all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for (i, path) in all.iter().enumerate() {
+        set_mtime(path, 1_600_000_000 + i as i64, 123_456_789 + i as u32);
+    }
+}
+
+pub fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+/// Every entry below `root` (excluding it), with lstat data.
+pub fn walk(root: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+            out.push((e.path(), m));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// A description of one entry, everything restore promises to keep.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Desc {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime_ns: i64,
+    content: Option<[u8; 32]>,
+    link: Option<Vec<u8>>,
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Index of the first path sharing this inode (hard links).
+    inode_group: Option<PathBuf>,
+}
+
+pub fn describe(root: &Path) -> BTreeMap<PathBuf, Desc> {
+    let mut first_of_inode: BTreeMap<(u64, u64), PathBuf> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for (path, m) in walk(root) {
+        let rel = path.strip_prefix(root).unwrap().to_path_buf();
+        let ft = m.file_type();
+        let kind = if ft.is_dir() {
+            "dir"
+        } else if ft.is_symlink() {
+            "symlink"
+        } else {
+            "file"
+        };
+        let content = ft.is_file().then(|| {
+            let mut h = blake3::Hasher::new();
+            h.update_reader(std::fs::File::open(&path).unwrap())
+                .unwrap();
+            *h.finalize().as_bytes()
+        });
+        let link = ft.is_symlink().then(|| {
+            std::fs::read_link(&path)
+                .unwrap()
+                .as_os_str()
+                .as_bytes()
+                .to_vec()
+        });
+        let xattrs = if ft.is_symlink() {
+            BTreeMap::new()
+        } else {
+            xattr::list(&path)
+                .unwrap()
+                .map(|n| {
+                    let v = xattr::get(&path, &n).unwrap().unwrap_or_default();
+                    (n.as_bytes().to_vec(), v)
+                })
+                .collect()
+        };
+        let inode_group = (ft.is_file() && m.nlink() > 1).then(|| {
+            first_of_inode
+                .entry((m.dev(), m.ino()))
+                .or_insert(rel.clone())
+                .clone()
+        });
+        out.insert(
+            rel,
+            Desc {
+                kind,
+                mode: m.mode(),
+                uid: m.uid(),
+                gid: m.gid(),
+                mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+                content,
+                link,
+                xattrs,
+                inode_group,
+            },
+        );
+    }
+    out
+}
+
+/// Asserts two trees are equal entry for entry, naming the first difference.
+pub fn assert_same_tree(expected: &Path, actual: &Path) {
+    let (a, b) = (describe(expected), describe(actual));
+    let ka: Vec<_> = a.keys().collect();
+    let kb: Vec<_> = b.keys().collect();
+    assert_eq!(ka, kb, "restored tree has different entries");
+    for (k, da) in &a {
+        assert_eq!(Some(da), b.get(k), "entry {k:?} differs");
+    }
+}
+
+/// The restored copy of an absolute source directory inside a restore target.
+pub fn restored(target: &Path, source: &Path) -> PathBuf {
+    target.join(source.strip_prefix("/").unwrap())
+}
+
+pub fn write_file(path: &Path, data: &[u8]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(data).unwrap();
+}

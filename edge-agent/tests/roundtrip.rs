@@ -1,0 +1,656 @@
+//! End-to-end tests of the `vaultik` binary against real S3 servers over HTTP.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+
+use common::*;
+
+fn snapshots_json(bucket: &str, env: &[(&str, &str)]) -> Vec<serde_json::Value> {
+    let out = vaultik(&["snapshots", bucket, "host1", "--json"], env);
+    assert!(out.status.success(), "snapshots: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn s3_roundtrip_keeps_every_metadata_case() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fidelity_tree(&src, true);
+    let key = keygen(t.path());
+    let cfg = s3_config(
+        t.path(),
+        &s3.endpoint,
+        "host1",
+        &[&src],
+        &key,
+        "chunk_size: 1MiB\n",
+    );
+
+    let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    let env = s3_env(&s3.endpoint, &key);
+    let snaps = snapshots_json(BUCKET, &env);
+    assert_eq!(snaps.len(), 1);
+    let id = snaps[0]["id"].as_str().unwrap().to_string();
+    // Identical content is stored once: 3 MiB random twice, plus 3 GiB of mostly zeros.
+    let new_bytes = snaps[0]["summary"]["new_bytes"].as_u64().unwrap();
+    assert!(new_bytes < 8 << 20, "new_bytes {new_bytes}");
+
+    let target = t.path().join("restore");
+    let out = vaultik(
+        &["restore", BUCKET, "host1", &id, target.to_str().unwrap()],
+        &env,
+    );
+    assert!(out.status.success(), "restore: {}", stderr(&out));
+    let back = restored(&target, &src);
+    assert_same_tree(&src, &back);
+    let sparse = std::fs::metadata(back.join("sparse-3g")).unwrap();
+    assert_eq!(sparse.len(), 3 << 30);
+    assert!(
+        sparse.blocks() * 512 < 8 << 20,
+        "sparse file came back with {} blocks",
+        sparse.blocks()
+    );
+
+    // An unchanged re-run stores nothing new and reads no file contents.
+    let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
+    assert!(out.status.success(), "second backup: {}", stderr(&out));
+    assert!(
+        out.stderr.is_empty() && out.stdout.is_empty(),
+        "--cron printed: {}",
+        stderr(&out)
+    );
+    let snaps = snapshots_json(BUCKET, &env);
+    assert_eq!(snaps.len(), 2);
+    let second = &snaps[1]["summary"];
+    assert_eq!(second["new_chunks"].as_u64(), Some(0));
+    assert_eq!(second["bytes_read"].as_u64(), Some(0));
+    assert_eq!(second["files"], snaps[0]["summary"]["files"]);
+}
+
+#[test]
+fn rclone_roundtrip() {
+    let s3 = Rclone::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fidelity_tree(&src, false);
+    let key = keygen(t.path());
+    let cfg = s3_config(
+        t.path(),
+        &s3.endpoint,
+        "host1",
+        &[&src],
+        &key,
+        "chunk_size: 256KiB\nblob_size_limit: 2MiB\n",
+    );
+    let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "backup to rclone: {}", stderr(&out));
+    let env = s3_env(&s3.endpoint, &key);
+    let target = t.path().join("restore");
+    let out = vaultik(
+        &[
+            "restore",
+            BUCKET,
+            "host1",
+            "latest",
+            target.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(
+        out.status.success(),
+        "restore from rclone: {}",
+        stderr(&out)
+    );
+    assert_same_tree(&src, &restored(&target, &src));
+    // Several blobs were written: the 2 MiB limit was honoured.
+    let blobs = common::walk(&s3.root.path().join(BUCKET).join("host1/blobs"))
+        .into_iter()
+        .filter(|(_, m)| m.is_file())
+        .count();
+    assert!(blobs >= 2, "only {blobs} blobs");
+}
+
+#[test]
+fn fetch_downloads_only_what_it_needs() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("large.bin"), pseudo_random(40 << 20, 5)).unwrap();
+    std::fs::write(src.join("small.txt"), b"the one file we want back").unwrap();
+    std::fs::write(src.join("zz-after.bin"), pseudo_random(2 << 20, 6)).unwrap();
+    let key = keygen(t.path());
+    let cfg = s3_config(t.path(), &s3.endpoint, "host1", &[&src], &key, "");
+    let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    let blobs = common::walk(&s3.bucket_dir().join("host1/blobs"));
+    assert_eq!(
+        blobs.iter().filter(|(_, m)| m.is_file()).count(),
+        1,
+        "expected one blob"
+    );
+
+    let proxy = CountingProxy::start(&s3.endpoint);
+    let env = s3_env(&proxy.endpoint, &key);
+    let out_file = t.path().join("got.txt");
+    let wanted = src.join("small.txt");
+    let out = vaultik(
+        &[
+            "fetch",
+            BUCKET,
+            "host1",
+            "latest",
+            wanted.to_str().unwrap(),
+            out_file.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "fetch: {}", stderr(&out));
+    assert_eq!(
+        std::fs::read(&out_file).unwrap(),
+        b"the one file we want back"
+    );
+    let down = proxy.down.load(Ordering::Relaxed);
+    assert!(
+        down < 1 << 20,
+        "fetch of a small file downloaded {down} bytes of a 42 MiB blob"
+    );
+
+    // Into an existing directory, under its own name.
+    let dir = t.path().join("into");
+    std::fs::create_dir(&dir).unwrap();
+    let out = vaultik(
+        &[
+            "fetch",
+            BUCKET,
+            "host1",
+            "latest",
+            wanted.to_str().unwrap(),
+            dir.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "fetch into dir: {}", stderr(&out));
+    assert_eq!(
+        std::fs::read(dir.join("small.txt")).unwrap(),
+        b"the one file we want back"
+    );
+
+    let out = vaultik(
+        &[
+            "fetch",
+            BUCKET,
+            "host1",
+            "latest",
+            "/not/there",
+            dir.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not/there is not in the snapshot"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn metadata_opens_with_stock_age_zstd_and_sqlite3() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fidelity_tree(&src, false);
+    let key = keygen(t.path());
+    let repo = t.path().join("repo");
+    let cfg = t.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "source_dirs: [{}]\nage_recipient: {}\ndestination: file://{}\nindex_path: {}/state/i.sqlite\n",
+            src.display(),
+            key.public,
+            repo.display(),
+            t.path().display()
+        ),
+    )
+    .unwrap();
+    let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    let meta = std::fs::read_dir(repo.join("index"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "metadata"))
+        .unwrap();
+    let db = t.path().join("m.sqlite");
+    let sh = format!(
+        "age -d -i {} {} | zstd -q -d -o {}",
+        key.file.display(),
+        meta.display(),
+        db.display()
+    );
+    let st = Command::new("sh").arg("-c").arg(&sh).status().expect("sh");
+    assert!(
+        st.success(),
+        "age -d | zstd -d failed (are age and zstd installed?)"
+    );
+    let q = Command::new("sqlite3")
+        .arg(&db)
+        .arg("SELECT count(*) FROM nodes WHERE kind = 'file'; SELECT value FROM meta WHERE key = 'format';")
+        .output()
+        .expect("sqlite3 is needed: run ./scripts/test.sh");
+    let text = String::from_utf8_lossy(&q.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].parse::<u32>().unwrap() >= 10, "{text}");
+    assert_eq!(lines[1], "1");
+    // The manifest is plain age too.
+    let manifest = meta.with_extension("snapshot");
+    let out = Command::new("age")
+        .args(["-d", "-i"])
+        .arg(&key.file)
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(m["format"], 1);
+}
+
+#[test]
+fn a_damaged_blob_names_the_files_and_the_rest_restores() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("victim.bin"), pseudo_random(6 << 20, 11)).unwrap();
+    for i in 0..20 {
+        std::fs::write(
+            src.join(format!("small-{i:02}.txt")),
+            format!("small file {i}\n"),
+        )
+        .unwrap();
+    }
+    let key = keygen(t.path());
+    let cfg = s3_config(
+        t.path(),
+        &s3.endpoint,
+        "host1",
+        &[&src],
+        &key,
+        "chunk_size: 256KiB\n",
+    );
+    assert!(
+        vaultik(&["backup", cfg.to_str().unwrap()], &[])
+            .status
+            .success()
+    );
+    let (blob, _) = common::walk(&s3.bucket_dir().join("host1/blobs"))
+        .into_iter()
+        .find(|(_, m)| m.is_file())
+        .unwrap();
+    // Flip one byte in the middle: inside the victim's chunks, not the age header.
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&blob, bytes).unwrap();
+
+    let env = s3_env(&s3.endpoint, &key);
+    let target = t.path().join("restore");
+    let out = vaultik(
+        &[
+            "restore",
+            BUCKET,
+            "host1",
+            "latest",
+            target.to_str().unwrap(),
+        ],
+        &env,
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("damaged: ") && err.contains("victim.bin"),
+        "{err}"
+    );
+    assert!(!err.contains("small-"), "undamaged files reported: {err}");
+    let back = restored(&target, &src);
+    for i in 0..20 {
+        let name = format!("small-{i:02}.txt");
+        assert_eq!(
+            std::fs::read(back.join(&name)).unwrap(),
+            std::fs::read(src.join(&name)).unwrap()
+        );
+    }
+}
+
+#[test]
+fn backup_writes_no_temp_file_and_no_plaintext() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let marker = b"PLAINTEXT-MARKER-7f3a9c";
+    let mut content = Vec::new();
+    for _ in 0..50_000 {
+        content.extend_from_slice(marker);
+    }
+    std::fs::write(src.join("doc.txt"), &content).unwrap();
+    std::fs::write(src.join("small.txt"), marker).unwrap();
+    let key = keygen(t.path());
+    let repo = t.path().join("repo");
+    let state = t.path().join("state");
+    let cfg = t.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "source_dirs: [{}]\nage_recipient: {}\ndestination: file://{}\nindex_path: {}/index.sqlite\n",
+            src.display(),
+            key.public,
+            repo.display(),
+            state.display()
+        ),
+    )
+    .unwrap();
+    // Any attempt to create a temporary file fails: TMPDIR does not exist.
+    let env = [("TMPDIR", "/nonexistent/vaultik-tmp")];
+    let out = vaultik(&["backup", cfg.to_str().unwrap()], &env);
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    let names: Vec<String> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for n in &names {
+        assert!(
+            ["index.sqlite", "index.sqlite-wal", "index.sqlite-shm"].contains(&n.as_str()),
+            "unexpected file in the state dir: {n}"
+        );
+    }
+    for dir in [&state, &repo] {
+        for (p, m) in common::walk(dir) {
+            if m.is_file() {
+                let data = std::fs::read(&p).unwrap();
+                assert!(
+                    !data.windows(marker.len()).any(|w| w == marker),
+                    "plaintext found in {}",
+                    p.display()
+                );
+            }
+        }
+    }
+}
+
+fn one_line_error(out: &std::process::Output, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.starts_with("vaultik: ") && err.contains(needle),
+        "expected {needle:?} in {err}"
+    );
+}
+
+#[test]
+fn bad_input_gets_a_one_line_error_naming_the_problem() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    let key = keygen(t.path());
+    let cfg = s3_config(t.path(), &s3.endpoint, "host1", &[&src], &key, "");
+    assert!(
+        vaultik(&["backup", cfg.to_str().unwrap()], &[])
+            .status
+            .success()
+    );
+
+    let env = s3_env(&s3.endpoint, &key);
+    let tgt = t.path().join("r");
+    let tgt = tgt.to_str().unwrap();
+    let other = keygen(&t.path().join("other").tap_mkdir());
+    let mut wrong = s3_env(&s3.endpoint, &key);
+    wrong.retain(|(k, _)| *k != "VAULTIK_PRIVATE_KEY");
+    wrong.push(("VAULTIK_PRIVATE_KEY", other.secret.as_str()));
+    one_line_error(
+        &vaultik(&["restore", BUCKET, "host1", "latest", tgt], &wrong),
+        "does not match",
+    );
+
+    let mut none = s3_env(&s3.endpoint, &key);
+    none.retain(|(k, _)| *k != "VAULTIK_PRIVATE_KEY");
+    one_line_error(
+        &vaultik(&["snapshots", BUCKET, "host1"], &none),
+        "VAULTIK_PRIVATE_KEY",
+    );
+
+    let mut garbage = none.clone();
+    garbage.push(("VAULTIK_PRIVATE_KEY", "not a key"));
+    one_line_error(
+        &vaultik(&["snapshots", BUCKET, "host1"], &garbage),
+        "no usable age secret key",
+    );
+
+    one_line_error(
+        &vaultik(&["restore", BUCKET, "host1", "deadbeef", tgt], &env),
+        "snapshot deadbeef not found",
+    );
+    one_line_error(
+        &vaultik(&["snapshots", "no-such-bucket", "host1"], &env),
+        "no-such-bucket",
+    );
+
+    let mut unreachable = s3_env(&s3.endpoint, &key);
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    unreachable.retain(|(k, _)| *k != "AWS_ENDPOINT_URL");
+    unreachable.push(("AWS_ENDPOINT_URL", dead.as_str()));
+    one_line_error(
+        &vaultik(&["snapshots", BUCKET, "host1"], &unreachable),
+        "127.0.0.1",
+    );
+
+    let bad = t.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        format!(
+            "source_dirs: [/tmp]\nage_recipient: {}\ndestination: file:///tmp/x\nchunk_sise: 1MB\n",
+            key.public
+        ),
+    )
+    .unwrap();
+    one_line_error(
+        &vaultik(&["backup", bad.to_str().unwrap()], &[]),
+        "chunk_sise",
+    );
+    let e = stderr(&vaultik(&["backup", bad.to_str().unwrap()], &[]));
+    assert!(e.contains("line 4"), "{e}");
+    std::fs::write(
+        &bad,
+        "source_dirs: [/tmp]\nage_recipient: age1nope\ndestination: file:///tmp/x\n",
+    )
+    .unwrap();
+    one_line_error(
+        &vaultik(&["backup", bad.to_str().unwrap()], &[]),
+        "age1nope",
+    );
+    one_line_error(
+        &vaultik(&["backup", "/no/such/config.yaml"], &[]),
+        "/no/such/config.yaml",
+    );
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+impl TapMkdir for std::path::PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
+
+#[test]
+fn unreadable_source_file_is_skipped_with_exit_3() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("ok.txt"), b"fine").unwrap();
+    // Tests run as root, for whom permission bits do not stop reads: a source directory
+    // that does not exist is the unreadable entry here.
+    let key = keygen(t.path());
+    let cfg = t.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "source_dirs: [{}, {}/missing]\nage_recipient: {}\ndestination: file://{}/repo\nindex_path: {}/state/i.sqlite\n",
+            src.display(),
+            t.path().display(),
+            key.public,
+            t.path().display(),
+            t.path().display()
+        ),
+    )
+    .unwrap();
+    let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("missing") && err.contains("skipped"), "{err}");
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let repo = format!("file://{}/repo", t.path().display());
+    let target = t.path().join("r");
+    let out = vaultik(
+        &["restore", &repo, "", "latest", target.to_str().unwrap()],
+        &env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read(restored(&target, &src).join("ok.txt")).unwrap(),
+        b"fine"
+    );
+}
+
+#[test]
+fn hostile_path_in_metadata_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("hello.txt"), b"hi").unwrap();
+    let key = keygen(t.path());
+    let repo = t.path().join("repo");
+    let cfg = t.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "source_dirs: [{}]\nage_recipient: {}\ndestination: file://{}\nindex_path: {}/state/i.sqlite\n",
+            src.display(),
+            key.public,
+            repo.display(),
+            t.path().display()
+        ),
+    )
+    .unwrap();
+    assert!(
+        vaultik(&["backup", cfg.to_str().unwrap()], &[])
+            .status
+            .success()
+    );
+    let pristine = t.path().join("pristine");
+    copy_dir(&repo.join("index"), &pristine);
+    for evil in [
+        "../../escaped.txt",
+        "/tmp/absolute-escape.txt",
+        "a/\u{0}/b",
+        "a//b",
+        "",
+    ] {
+        copy_dir(&pristine, &repo.join("index"));
+        tamper_metadata(
+            &repo,
+            &key,
+            &format!(
+                "UPDATE nodes SET path = CAST(x'{}' AS BLOB) WHERE kind = 'file'",
+                hex::encode(evil)
+            ),
+        );
+        let target = t.path().join("r");
+        let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+        let url = format!("file://{}", repo.display());
+        let out = vaultik(
+            &["restore", &url, "", "latest", target.to_str().unwrap()],
+            &env,
+        );
+        one_line_error(&out, "hostile path");
+        assert!(!target.exists(), "restore wrote files before refusing");
+        assert!(
+            !t.path().join("escaped.txt").exists()
+                && !Path::new("/tmp/absolute-escape.txt").exists()
+        );
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Decrypts a snapshot's metadata with stock tools, runs `sql` on it, and re-encrypts
+/// it with a matching manifest, as an attacker with the public key could.
+fn tamper_metadata(repo: &Path, key: &Key, sql: &str) {
+    let idx = repo.join("index");
+    let meta = std::fs::read_dir(&idx)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "metadata"))
+        .unwrap();
+    let db = meta.with_extension("tamper.sqlite");
+    let _ = std::fs::remove_file(&db);
+    let sh = format!(
+        "age -d -i {k} {m} | zstd -q -d -o {db} && sqlite3 {db} \"{sql}\" && zstd -q -c {db} | age -r {r} -o {m}.new && mv {m}.new {m}",
+        k = key.file.display(),
+        m = meta.display(),
+        db = db.display(),
+        r = key.public,
+    );
+    assert!(
+        Command::new("sh")
+            .arg("-c")
+            .arg(&sh)
+            .status()
+            .unwrap()
+            .success(),
+        "{sh}"
+    );
+    std::fs::remove_file(&db).unwrap();
+    let sealed = std::fs::read(&meta).unwrap();
+    let manifest = meta.with_extension("snapshot");
+    let out = Command::new("age")
+        .args(["-d", "-i"])
+        .arg(&key.file)
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    m["metadata_size"] = sealed.len().into();
+    m["metadata_hash"] = hex::encode(blake3::hash(&sealed).as_bytes()).into();
+    let mut child = Command::new("age")
+        .args(["-r", &key.public, "-o"])
+        .arg(&manifest)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(&m).unwrap())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
