@@ -278,14 +278,14 @@ impl Scanner<'_> {
             node.target = Some(link_target.as_os_str().as_bytes());
             self.summary.symlinks += 1;
         } else if ft.is_file() {
-            if e.meta.nlink() > 1 {
-                if let Some(first) = self.index.find_inode(stat.dev, stat.ino)? {
-                    node.kind = NodeKind::Hardlink;
-                    node.target = Some(&first);
-                    self.index.insert_node(&node)?;
-                    self.summary.hardlinks += 1;
-                    return Ok(Visit::Continue);
-                }
+            if e.meta.nlink() > 1
+                && let Some(first) = self.index.find_inode(stat.dev, stat.ino)?
+            {
+                node.kind = NodeKind::Hardlink;
+                node.target = Some(&first);
+                self.index.insert_node(&node)?;
+                self.summary.hardlinks += 1;
+                return Ok(Visit::Continue);
             }
             node.size = stat.size;
             let id = self.index.insert_node(&node)?;
@@ -315,25 +315,24 @@ impl Scanner<'_> {
     fn copy_xattrs(&mut self, path: &Path, node: i64) {
         let Ok(names) = xattr::list(path) else { return };
         for name in names {
-            if let Ok(Some(value)) = xattr::get(path, &name) {
-                if let Err(e) = self.index.insert_xattr(node, name.as_bytes(), &value) {
-                    self.skip(path, &e);
-                }
+            if let Ok(Some(value)) = xattr::get(path, &name)
+                && let Err(e) = self.index.insert_xattr(node, name.as_bytes(), &value)
+            {
+                self.skip(path, &e);
             }
         }
     }
 
     fn file(&mut self, path: &Path, node: i64, stat: FileStat) -> Result<()> {
-        if !self.rehash {
-            if let Some((old, prev)) = self.index.prev_file(relative_bytes(path))? {
-                if prev == stat {
-                    self.index.reuse_chunks(old, node)?;
-                    self.summary.files += 1;
-                    self.summary.bytes += stat.size;
-                    self.progress.add_bytes(stat.size);
-                    return Ok(());
-                }
-            }
+        if !self.rehash
+            && let Some((old, prev)) = self.index.prev_file(relative_bytes(path))?
+            && prev == stat
+        {
+            self.index.reuse_chunks(old, node)?;
+            self.summary.files += 1;
+            self.summary.bytes += stat.size;
+            self.progress.add_bytes(stat.size);
+            return Ok(());
         }
         let f = match File::open(path) {
             Ok(f) => f,
@@ -475,10 +474,10 @@ fn packer(
         let what = |e| Error::io("writing blob", blob.id.to_hex(), e);
         blob.w.write_all(&f.data).map_err(what)?;
         blob.layout.push(f.id, f.data.len() as u32, f.ulen);
-        if blob.layout.len() >= limit {
-            if let Some(b) = open.take() {
-                close_blob(b, &done)?;
-            }
+        if blob.layout.len() >= limit
+            && let Some(b) = open.take()
+        {
+            close_blob(b, &done)?;
         }
     }
     if let Some(b) = open.take() {

@@ -259,10 +259,10 @@ impl Config {
         .map_err(|e| {
             let path = e.path().to_string();
             let mut msg = e.into_inner().to_string();
-            if !msg.contains(" line ") {
-                if let Some(line) = line_of_key(text, &path) {
-                    msg = format!("{msg} at line {line}");
-                }
+            if !msg.contains(" line ")
+                && let Some(line) = line_of_key(text, &path)
+            {
+                msg = format!("{msg} at line {line}");
             }
             if path == "." || msg.contains(&path) {
                 invalid(msg)

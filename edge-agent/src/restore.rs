@@ -506,12 +506,11 @@ fn apply_metadata(n: &Selected, xattrs: &[(Vec<u8>, Vec<u8>)], report: &mut Repo
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
         Err(e) => report.warnings.push(format!("{}: owner: {e}", p.display())),
     }
-    if n.kind != NodeKind::Symlink {
-        if let Err(e) =
+    if n.kind != NodeKind::Symlink
+        && let Err(e) =
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(n.mode & 0o7777))
-        {
-            report.warnings.push(format!("{}: mode: {e}", p.display()));
-        }
+    {
+        report.warnings.push(format!("{}: mode: {e}", p.display()));
     }
     let t = filetime::FileTime::from_unix_time(
         n.mtime_ns.div_euclid(1_000_000_000),

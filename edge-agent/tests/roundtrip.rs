@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! End-to-end tests of the `vaultik` binary against real S3 servers over HTTP.
 
 mod common;

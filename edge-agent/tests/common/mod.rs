@@ -81,7 +81,7 @@ impl Rclone {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join(BUCKET)).unwrap();
         let port = free_port();
-        let child = Command::new("rclone")
+        let mut child = Command::new("rclone")
             .args(["serve", "s3", "--auth-key", &format!("{AK},{SK}")])
             .args(["--addr", &format!("127.0.0.1:{port}")])
             .arg(root.path())
@@ -99,6 +99,8 @@ impl Rclone {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("rclone serve s3 did not start listening on 127.0.0.1:{port}");
     }
 }
