@@ -150,9 +150,9 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     // Write order: blobs (done), metadata, manifest. The manifest is the commit point.
     let id = SnapshotId::random();
     let now = SystemTime::now();
-    let time_unix = now
+    let time_unix_ns = now
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+        .map_or(0, |d| d.as_nanos() as i64);
     let hostname = config.hostname.clone().unwrap_or_else(hostname);
     let sources: Vec<String> = config
         .source_dirs
@@ -163,7 +163,7 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         ("format", METADATA_FORMAT.to_string()),
         ("snapshot_id", id.to_string()),
         ("hostname", hostname.clone()),
-        ("time_unix", time_unix.to_string()),
+        ("time_unix_ns", time_unix_ns.to_string()),
         (
             "source_dirs",
             serde_json::to_string(&sources).unwrap_or_default(),
@@ -177,8 +177,8 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         format: MANIFEST_FORMAT,
         id: id.to_string(),
         hostname,
-        time: humantime::format_rfc3339_seconds(now).to_string(),
-        time_unix,
+        time: humantime::format_rfc3339_millis(now).to_string(),
+        time_unix_ns,
         source_dirs: sources,
         metadata_size: metadata.size,
         metadata_hash: hex::encode(metadata.hash),
@@ -193,7 +193,7 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         .finish()
         .map_err(|e| Error::io("encrypting", "snapshot manifest", e))?;
     repo.put(&repo.manifest_key(&id), sealed)?;
-    index.commit_snapshot(&id.to_string(), time_unix)?;
+    index.commit_snapshot(&id.to_string(), time_unix_ns)?;
     opts.progress.finish();
     Ok(Outcome {
         snapshot: id,

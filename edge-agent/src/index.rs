@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS blobs (
     payload_start INTEGER NOT NULL,
     hash BLOB NOT NULL
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS snapshots (id TEXT PRIMARY KEY, time_unix INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS snapshots (id TEXT PRIMARY KEY, time_unix_ns INTEGER NOT NULL);
 ";
 
 /// Stat data of a file as the previous snapshot saw it.
@@ -385,7 +385,7 @@ impl Index {
     }
 
     /// Makes the uploaded snapshot the index's reference for the next run.
-    pub fn commit_snapshot(&mut self, id: &str, time_unix: i64) -> Result<()> {
+    pub fn commit_snapshot(&mut self, id: &str, time_unix_ns: i64) -> Result<()> {
         let run = self.run_path.to_string_lossy().into_owned();
         let e = sql_err(&self.path);
         self.conn
@@ -407,8 +407,8 @@ impl Index {
             .map_err(&e)?;
         self.conn
             .execute(
-                "INSERT OR REPLACE INTO main.snapshots (id, time_unix) VALUES (?1, ?2)",
-                params![id, time_unix],
+                "INSERT OR REPLACE INTO main.snapshots (id, time_unix_ns) VALUES (?1, ?2)",
+                params![id, time_unix_ns],
             )
             .map_err(&e)?;
         self.conn

@@ -324,13 +324,13 @@ fn restore_cmd(
 fn print_snapshots(list: &[Manifest], out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(
         out,
-        "{:<32}  {:<20}  {:<16}  {:>8}  {:>10}  paths",
+        "{:<32}  {:<24}  {:<16}  {:>8}  {:>10}  paths",
         "id", "time", "host", "files", "size"
     )?;
     for m in list {
         writeln!(
             out,
-            "{:<32}  {:<20}  {:<16}  {:>8}  {:>10}  {}",
+            "{:<32}  {:<24}  {:<16}  {:>8}  {:>10}  {}",
             m.id,
             m.time,
             m.hostname,

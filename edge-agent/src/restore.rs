@@ -42,7 +42,7 @@ pub fn list_snapshots(repo: &Repo, ids: &Identities) -> Result<Vec<Manifest>> {
         };
         out.push(read_manifest(repo, ids, &id)?);
     }
-    out.sort_by(|a, b| (a.time_unix, &a.id).cmp(&(b.time_unix, &b.id)));
+    out.sort_by(|a, b| (a.time_unix_ns, &a.id).cmp(&(b.time_unix_ns, &b.id)));
     Ok(out)
 }
 

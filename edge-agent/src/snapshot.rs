@@ -64,9 +64,10 @@ pub struct Manifest {
     pub format: u32,
     pub id: String,
     pub hostname: String,
-    /// RFC 3339, UTC.
+    /// RFC 3339, UTC, milliseconds.
     pub time: String,
-    pub time_unix: i64,
+    /// Nanoseconds since the epoch; orders snapshots taken within one second.
+    pub time_unix_ns: i64,
     pub source_dirs: Vec<String>,
     pub metadata_size: u64,
     /// BLAKE3 of the encrypted metadata object, hex.

@@ -655,3 +655,46 @@ fn tamper_metadata(repo: &Path, key: &Key, sql: &str) {
         .unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+/// Two snapshots within one second: `latest` must be the second.
+#[test]
+fn regression_latest_is_newest_within_one_second() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f.txt"), b"first").unwrap();
+    let key = keygen(t.path());
+    let cfg = t.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "source_dirs: [{}]\nage_recipient: {}\ndestination: file://{}/repo\nindex_path: {}/state/i.sqlite\n",
+            src.display(),
+            key.public,
+            t.path().display(),
+            t.path().display()
+        ),
+    )
+    .unwrap();
+    for content in [&b"first"[..], b"second, longer"] {
+        std::fs::write(src.join("f.txt"), content).unwrap();
+        let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let repo = format!("file://{}/repo", t.path().display());
+    let got = t.path().join("got");
+    let out = vaultik(
+        &[
+            "fetch",
+            &repo,
+            "",
+            "latest",
+            src.join("f.txt").to_str().unwrap(),
+            got.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&got).unwrap(), b"second, longer");
+}

