@@ -1,7 +1,7 @@
 //! `vaultik backup`: the pipeline driver.
 //!
 //! ```text
-//! scan thread ──NewChunk──▶ compress workers ──Frame──▶ packer thread ──bytes──▶ upload task
+//! scan thread ──chunks──▶ compress workers ──frames──▶ packer thread ──bytes──▶ upload task
 //!   (walk, stat, CDC,        (zstd, one per core)        (blob layout, age)     (multipart)
 //!    hash, dedup, index) ◀──────────────── BlobDone ─────────┘
 //! ```
@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, channel, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -31,8 +31,11 @@ use crate::scan::{Entry, Excludes, Visit, relative_bytes, walk};
 use crate::snapshot::{MANIFEST_FORMAT, METADATA_FORMAT, Manifest, NodeKind, SnapshotId, Summary};
 use crate::store::Repo;
 
-/// Chunks waiting for a compressor, and frames waiting for the packer.
+/// Batches waiting for a compressor, and batches waiting for the packer.
 const QUEUE_DEPTH: usize = 2;
+/// Chunks travel between threads in batches of about this many bytes, so trees of
+/// small files do not pay a thread hand-off per file.
+const BATCH_BYTES: usize = 1 << 20;
 
 pub struct Options {
     pub progress: Progress,
@@ -77,9 +80,9 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     let workers = thread::available_parallelism()
         .map_or(2, |n| n.get())
         .min(4);
-    let (chunk_tx, chunk_rx) = sync_channel::<NewChunk>(QUEUE_DEPTH);
+    let (chunk_tx, chunk_rx) = sync_channel::<Vec<NewChunk>>(QUEUE_DEPTH);
     let chunk_rx = Arc::new(Mutex::new(chunk_rx));
-    let (frame_tx, frame_rx) = sync_channel::<Frame>(QUEUE_DEPTH);
+    let (frame_tx, frame_rx) = sync_channel::<Vec<Frame>>(QUEUE_DEPTH);
     let (done_tx, done_rx) = channel::<BlobDone>();
     let mut compressors = Vec::new();
     for _ in 0..workers {
@@ -101,6 +104,8 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         hasher: &hasher,
         config,
         chunk_tx: Some(chunk_tx),
+        batch: Vec::new(),
+        batch_bytes: 0,
         done_rx: &done_rx,
         pending: HashSet::new(),
         summary: Summary::default(),
@@ -121,9 +126,10 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         },
     );
     // Closing the chunk queue lets the workers and then the packer drain and stop.
+    let flushed = scan.flush();
     scan.chunk_tx = None;
     let mut drain_result = Ok(());
-    if walked.is_ok() {
+    if walked.is_ok() && flushed.is_ok() {
         drain_result = scan.drain_until_closed();
     }
     for c in compressors {
@@ -135,6 +141,7 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     // The packer's error is the cause; the scanner's is usually its echo.
     packed?;
     walked?;
+    flushed?;
     drain_result?;
     if !scan.pending.is_empty() {
         return Err(Error::Pipeline(format!(
@@ -226,7 +233,9 @@ struct Scanner<'a> {
     index: &'a Index,
     hasher: &'a ChunkHasher,
     config: &'a Config,
-    chunk_tx: Option<SyncSender<NewChunk>>,
+    chunk_tx: Option<SyncSender<Vec<NewChunk>>>,
+    batch: Vec<NewChunk>,
+    batch_bytes: usize,
     done_rx: &'a Receiver<BlobDone>,
     /// Chunks sent to the packer whose blob has not finished yet.
     pending: HashSet<ChunkId>,
@@ -342,7 +351,7 @@ impl Scanner<'_> {
             }
         };
         let mut offset = 0u64;
-        for (seq, chunk) in chunks(f, self.config.chunk).enumerate() {
+        for (seq, chunk) in chunks(f, stat.size, self.config.chunk).enumerate() {
             let data = match chunk {
                 Ok(d) => d,
                 Err(err) => {
@@ -373,31 +382,27 @@ impl Scanner<'_> {
     }
 
     fn send(&mut self, c: NewChunk) -> Result<()> {
-        let tx = self
-            .chunk_tx
-            .clone()
-            .ok_or_else(|| Error::Pipeline("chunk queue closed".into()))?;
-        // Keep absorbing finished blobs while the queue is full, so the run database
-        // stays current and the packer never waits on us.
-        let mut item = c;
-        loop {
-            match tx.try_send(item) {
-                Ok(()) => return Ok(()),
-                Err(std::sync::mpsc::TrySendError::Full(back)) => {
-                    item = back;
-                    match self.done_rx.recv_timeout(Duration::from_millis(20)) {
-                        Ok(done) => self.record(done)?,
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => {
-                            return Err(Error::Pipeline("the packer stopped".into()));
-                        }
-                    }
-                }
-                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
-                    return Err(Error::Pipeline("the compressors stopped".into()));
-                }
-            }
+        self.batch_bytes += c.data.len();
+        self.batch.push(c);
+        if self.batch_bytes >= BATCH_BYTES {
+            self.flush()?;
         }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.batch_bytes = 0;
+        let batch = std::mem::take(&mut self.batch);
+        // Blocking is safe: the packer reports finished blobs on an unbounded channel,
+        // so it never waits for this thread.
+        self.chunk_tx
+            .as_ref()
+            .ok_or_else(|| Error::Pipeline("chunk queue closed".into()))?
+            .send(batch)
+            .map_err(|_| Error::Pipeline("the compressors stopped".into()))
     }
 
     fn absorb_done(&mut self) -> Result<()> {
@@ -425,7 +430,11 @@ impl Scanner<'_> {
     }
 }
 
-fn compress_worker(rx: Arc<Mutex<Receiver<NewChunk>>>, tx: SyncSender<Frame>, level: i32) {
+fn compress_worker(
+    rx: Arc<Mutex<Receiver<Vec<NewChunk>>>>,
+    tx: SyncSender<Vec<Frame>>,
+    level: i32,
+) {
     let Ok(mut z) = zstd::bulk::Compressor::new(level) else {
         return;
     };
@@ -434,16 +443,19 @@ fn compress_worker(rx: Arc<Mutex<Receiver<NewChunk>>>, tx: SyncSender<Frame>, le
             Ok(guard) => guard.recv(),
             Err(_) => return,
         };
-        let Ok(c) = next else { return };
-        let Ok(data) = z.compress(&c.data) else {
-            return;
-        };
-        let frame = Frame {
-            id: c.id,
-            ulen: c.data.len() as u32,
-            data,
-        };
-        if tx.send(frame).is_err() {
+        let Ok(batch) = next else { return };
+        let mut frames = Vec::with_capacity(batch.len());
+        for c in batch {
+            let Ok(data) = z.compress(&c.data) else {
+                return;
+            };
+            frames.push(Frame {
+                id: c.id,
+                ulen: c.data.len() as u32,
+                data,
+            });
+        }
+        if tx.send(frames).is_err() {
             return;
         }
     }
@@ -459,14 +471,14 @@ struct OpenBlob {
 }
 
 fn packer(
-    rx: Receiver<Frame>,
+    rx: Receiver<Vec<Frame>>,
     repo: Repo,
     recipients: Recipients,
     limit: u64,
     done: Sender<BlobDone>,
 ) -> Result<()> {
     let mut open: Option<OpenBlob> = None;
-    for f in rx {
+    for f in rx.into_iter().flatten() {
         let blob = match open.as_mut() {
             Some(b) => b,
             None => open.insert(open_blob(&repo, &recipients)?),

@@ -73,8 +73,33 @@ impl ChunkHasher {
 }
 
 /// Splits a reader into content-defined chunks; yields owned buffers so they can move
-/// through the pipeline without copying.
-pub fn chunks<R: Read>(
+/// through the pipeline without copying. `size_hint` is the expected length: input no
+/// larger than one chunk is read into an exact-size buffer, because the streaming
+/// chunker allocates and zeroes a `max`-sized buffer per reader.
+pub fn chunks<R: Read + 'static>(
+    mut reader: R,
+    size_hint: u64,
+    params: ChunkParams,
+) -> Box<dyn Iterator<Item = std::io::Result<Vec<u8>>>> {
+    if size_hint <= u64::from(params.max) {
+        let mut data = Vec::with_capacity(size_hint as usize + 1);
+        if let Err(e) = reader
+            .by_ref()
+            .take(u64::from(params.max) + 1)
+            .read_to_end(&mut data)
+        {
+            return Box::new(std::iter::once(Err(e)));
+        }
+        if data.len() <= params.max as usize {
+            return Box::new(split_in_memory(data, params).into_iter().map(Ok));
+        }
+        // The file grew past one chunk since it was stat'ed: stream the rest.
+        return Box::new(stream(std::io::Cursor::new(data).chain(reader), params));
+    }
+    Box::new(stream(reader, params))
+}
+
+fn stream<R: Read + 'static>(
     reader: R,
     params: ChunkParams,
 ) -> impl Iterator<Item = std::io::Result<Vec<u8>>> {
@@ -90,6 +115,30 @@ pub fn chunks<R: Read>(
             other => std::io::Error::other(other.to_string()),
         })
     })
+}
+
+/// The same cut points as the streaming chunker, for data already in memory.
+fn split_in_memory(data: Vec<u8>, params: ChunkParams) -> Vec<Vec<u8>> {
+    if data.is_empty() {
+        return Vec::new();
+    }
+    if data.len() <= params.min as usize {
+        return vec![data];
+    }
+    let cuts: Vec<(usize, usize)> = v2020::FastCDC::new(
+        &data,
+        params.min as usize,
+        params.avg as usize,
+        params.max as usize,
+    )
+    .map(|c| (c.offset, c.length))
+    .collect();
+    if cuts.len() == 1 {
+        return vec![data];
+    }
+    cuts.into_iter()
+        .map(|(o, l)| data[o..o + l].to_vec())
+        .collect()
 }
 
 #[cfg(test)]
@@ -120,8 +169,12 @@ mod tests {
     fn chunking_is_deterministic_and_lossless() {
         let data = pseudo_random(3_000_000, 7);
         let p = ChunkParams::from_max(256 << 10).unwrap();
-        let a: Vec<Vec<u8>> = chunks(&data[..], p).map(|c| c.unwrap()).collect();
-        let b: Vec<Vec<u8>> = chunks(&data[..], p).map(|c| c.unwrap()).collect();
+        let a: Vec<Vec<u8>> = chunks(std::io::Cursor::new(data.clone()), data.len() as u64, p)
+            .map(|c| c.unwrap())
+            .collect();
+        let b: Vec<Vec<u8>> = chunks(std::io::Cursor::new(data.clone()), 0, p)
+            .map(|c| c.unwrap())
+            .collect();
         assert_eq!(a, b);
         assert!(a.len() > 5);
         assert!(a.iter().all(|c| c.len() <= p.max as usize));
@@ -135,7 +188,11 @@ mod tests {
         edited.splice(1_000_000..1_000_000, b"inserted".iter().copied());
         let p = ChunkParams::from_max(128 << 10).unwrap();
         let h = ChunkHasher::new([1; 32]);
-        let ids = |d: &[u8]| -> Vec<ChunkId> { chunks(d, p).map(|c| h.id(&c.unwrap())).collect() };
+        let ids = |d: &[u8]| -> Vec<ChunkId> {
+            chunks(std::io::Cursor::new(d.to_vec()), d.len() as u64, p)
+                .map(|c| h.id(&c.unwrap()))
+                .collect()
+        };
         let (a, b) = (ids(&data), ids(&edited));
         let shared = b.iter().filter(|id| a.contains(id)).count();
         assert!(
@@ -143,6 +200,26 @@ mod tests {
             "only {shared} of {} chunks survived",
             a.len()
         );
+    }
+
+    #[test]
+    fn in_memory_cuts_match_streaming_cuts() {
+        let p = ChunkParams::from_max(64 << 10).unwrap();
+        for len in [0, 1, 4095, 4096, 4097, 30_000, 65_536] {
+            let data = pseudo_random(len, len as u64);
+            let mem: Vec<Vec<u8>> = chunks(std::io::Cursor::new(data.clone()), len as u64, p)
+                .map(|c| c.unwrap())
+                .collect();
+            let streamed: Vec<Vec<u8>> = stream(std::io::Cursor::new(data.clone()), p)
+                .map(|c| c.unwrap())
+                .collect();
+            assert_eq!(mem, streamed, "len {len}");
+            // A file that grew after stat: the hint is too small.
+            let grown: Vec<Vec<u8>> = chunks(std::io::Cursor::new(data.clone()), 10, p)
+                .map(|c| c.unwrap())
+                .collect();
+            assert_eq!(grown.concat(), data);
+        }
     }
 
     #[test]
