@@ -32,7 +32,7 @@ use crate::snapshot::{MANIFEST_FORMAT, METADATA_FORMAT, Manifest, NodeKind, Snap
 use crate::store::Repo;
 
 /// Batches waiting for a compressor, and batches waiting for the packer.
-const QUEUE_DEPTH: usize = 2;
+const QUEUE_DEPTH: usize = 1;
 /// Chunks travel between threads in batches of about this many bytes, so trees of
 /// small files do not pay a thread hand-off per file.
 const BATCH_BYTES: usize = 1 << 20;

@@ -253,8 +253,7 @@ fn daemon_loop(cfg: &Config, repo: &Repo, rehash: bool) -> Result<ExitCode> {
         if let Err(e) = backup_once(cfg, repo, false, rehash) {
             eprintln!("vaultik: backup failed: {}", chain(&e));
         }
-        let wait = every.max(min_gap).saturating_sub(started.elapsed());
-        std::thread::sleep(wait.max(min_gap.saturating_sub(started.elapsed())));
+        std::thread::sleep(every.max(min_gap).saturating_sub(started.elapsed()));
     }
 }
 

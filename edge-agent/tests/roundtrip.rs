@@ -698,3 +698,53 @@ fn regression_latest_is_newest_within_one_second() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read(&got).unwrap(), b"second, longer");
 }
+
+/// Keys from the stock `age-keygen` work for backup and restore; the restore side takes
+/// endpoint and credentials from `--config` when no AWS_* variables are set.
+#[test]
+fn stock_age_keygen_keys_and_config_credentials() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f.txt"), b"made with age-keygen").unwrap();
+    let file = t.path().join("age-key.txt");
+    let st = Command::new("age-keygen")
+        .arg("-o")
+        .arg(&file)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("age-keygen is needed: run ./scripts/test.sh");
+    assert!(st.success());
+    let secret = std::fs::read_to_string(&file).unwrap();
+    let public = secret
+        .lines()
+        .find_map(|l| l.strip_prefix("# public key: "))
+        .unwrap()
+        .to_string();
+    let key = Key {
+        file,
+        secret,
+        public,
+    };
+    let cfg = s3_config(t.path(), &s3.endpoint, "h", &[&src], &key, "");
+    let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got = t.path().join("got");
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let out = vaultik(
+        &[
+            "fetch",
+            "--config",
+            cfg.to_str().unwrap(),
+            BUCKET,
+            "h",
+            "latest",
+            src.join("f.txt").to_str().unwrap(),
+            got.to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&got).unwrap(), b"made with age-keygen");
+}
