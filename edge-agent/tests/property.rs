@@ -131,18 +131,12 @@ fn backup_restore_case(specs: Vec<Spec>, edit_seed: u64) {
     let src = t.path().join("src");
     build(&src, &specs);
     let key = keygen(t.path());
-    let cfg = t.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "source_dirs: [{}]\nage_recipient: {}\ndestination: file://{}/repo\nindex_path: {}/state/i.sqlite\nchunk_size: 64KiB\nblob_size_limit: 256KiB\n",
-            src.display(),
-            key.public,
-            t.path().display(),
-            t.path().display()
-        ),
-    )
-    .unwrap();
+    let cfg = local_config(
+        t.path(),
+        &[&src],
+        &key,
+        "chunk_size: 64KiB\nblob_size_limit: 256KiB\n",
+    );
     let backup = || {
         let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
         assert!(out.status.success(), "backup: {}", stderr(&out));
@@ -153,7 +147,7 @@ fn backup_restore_case(specs: Vec<Spec>, edit_seed: u64) {
     backup();
 
     let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
-    let repo = format!("file://{}/repo", t.path().display());
+    let repo = local_repo(t.path());
     let list = vaultik(&["snapshots", &repo, "", "--json"], &env);
     let snaps: Vec<serde_json::Value> = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(snaps.len(), 2);

@@ -209,18 +209,7 @@ fn metadata_opens_with_stock_age_zstd_and_sqlite3() {
     fidelity_tree(&src, false);
     let key = keygen(t.path());
     let repo = t.path().join("repo");
-    let cfg = t.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "source_dirs: [{}]\nage_recipient: {}\ndestination: file://{}\nindex_path: {}/state/i.sqlite\n",
-            src.display(),
-            key.public,
-            repo.display(),
-            t.path().display()
-        ),
-    )
-    .unwrap();
+    let cfg = local_config(t.path(), &[&src], &key, "");
     let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
     assert!(out.status.success(), "backup: {}", stderr(&out));
     let meta = std::fs::read_dir(repo.join("index"))
@@ -344,18 +333,7 @@ fn backup_writes_no_temp_file_and_no_plaintext() {
     let key = keygen(t.path());
     let repo = t.path().join("repo");
     let state = t.path().join("state");
-    let cfg = t.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "source_dirs: [{}]\nage_recipient: {}\ndestination: file://{}\nindex_path: {}/index.sqlite\n",
-            src.display(),
-            key.public,
-            repo.display(),
-            state.display()
-        ),
-    )
-    .unwrap();
+    let cfg = local_config(t.path(), &[&src], &key, "");
     // Any attempt to create a temporary file fails: TMPDIR does not exist.
     let env = [("TMPDIR", "/nonexistent/vaultik-tmp")];
     let out = vaultik(&["backup", cfg.to_str().unwrap()], &env);
@@ -503,25 +481,13 @@ fn unreadable_source_file_is_skipped_with_exit_3() {
     // Tests run as root, for whom permission bits do not stop reads: a source directory
     // that does not exist is the unreadable entry here.
     let key = keygen(t.path());
-    let cfg = t.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "source_dirs: [{}, {}/missing]\nage_recipient: {}\ndestination: file://{}/repo\nindex_path: {}/state/i.sqlite\n",
-            src.display(),
-            t.path().display(),
-            key.public,
-            t.path().display(),
-            t.path().display()
-        ),
-    )
-    .unwrap();
+    let cfg = local_config(t.path(), &[&src, &t.path().join("missing")], &key, "");
     let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("missing") && err.contains("skipped"), "{err}");
     let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
-    let repo = format!("file://{}/repo", t.path().display());
+    let repo = local_repo(t.path());
     let target = t.path().join("r");
     let out = vaultik(
         &["restore", &repo, "", "latest", target.to_str().unwrap()],
@@ -542,18 +508,7 @@ fn hostile_path_in_metadata_is_refused() {
     std::fs::write(src.join("hello.txt"), b"hi").unwrap();
     let key = keygen(t.path());
     let repo = t.path().join("repo");
-    let cfg = t.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "source_dirs: [{}]\nage_recipient: {}\ndestination: file://{}\nindex_path: {}/state/i.sqlite\n",
-            src.display(),
-            key.public,
-            repo.display(),
-            t.path().display()
-        ),
-    )
-    .unwrap();
+    let cfg = local_config(t.path(), &[&src], &key, "");
     assert!(
         vaultik(&["backup", cfg.to_str().unwrap()], &[])
             .status
@@ -664,25 +619,14 @@ fn regression_latest_is_newest_within_one_second() {
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("f.txt"), b"first").unwrap();
     let key = keygen(t.path());
-    let cfg = t.path().join("c.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "source_dirs: [{}]\nage_recipient: {}\ndestination: file://{}/repo\nindex_path: {}/state/i.sqlite\n",
-            src.display(),
-            key.public,
-            t.path().display(),
-            t.path().display()
-        ),
-    )
-    .unwrap();
+    let cfg = local_config(t.path(), &[&src], &key, "");
     for content in [&b"first"[..], b"second, longer"] {
         std::fs::write(src.join("f.txt"), content).unwrap();
         let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
     let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
-    let repo = format!("file://{}/repo", t.path().display());
+    let repo = local_repo(t.path());
     let got = t.path().join("got");
     let out = vaultik(
         &[
@@ -716,17 +660,7 @@ fn stock_age_keygen_keys_and_config_credentials() {
         .status()
         .expect("age-keygen is needed: run ./scripts/test.sh");
     assert!(st.success());
-    let secret = std::fs::read_to_string(&file).unwrap();
-    let public = secret
-        .lines()
-        .find_map(|l| l.strip_prefix("# public key: "))
-        .unwrap()
-        .to_string();
-    let key = Key {
-        file,
-        secret,
-        public,
-    };
+    let key = Key::from_file(file);
     let cfg = s3_config(t.path(), &s3.endpoint, "h", &[&src], &key, "");
     let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
     assert!(out.status.success(), "{}", stderr(&out));

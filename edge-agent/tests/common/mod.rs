@@ -181,17 +181,44 @@ pub fn keygen(dir: &Path) -> Key {
     let file = dir.join("key.txt");
     let out = vaultik(&["keygen", "-o", file.to_str().unwrap()], &[]);
     assert!(out.status.success(), "keygen: {}", stderr(&out));
-    let secret = std::fs::read_to_string(&file).unwrap();
-    let public = secret
-        .lines()
-        .find_map(|l| l.strip_prefix("# public key: "))
-        .unwrap()
-        .to_string();
-    Key {
-        file,
-        secret,
-        public,
+    Key::from_file(file)
+}
+
+impl Key {
+    /// Reads a key file in `age-keygen`'s format.
+    pub fn from_file(file: PathBuf) -> Key {
+        let secret = std::fs::read_to_string(&file).unwrap();
+        let public = secret
+            .lines()
+            .find_map(|l| l.strip_prefix("# public key: "))
+            .unwrap()
+            .to_string();
+        Key {
+            file,
+            secret,
+            public,
+        }
     }
+}
+
+/// A config backing `sources` up to `dir/repo` with the index in `dir/state`.
+pub fn local_config(dir: &Path, sources: &[&Path], key: &Key, extra: &str) -> PathBuf {
+    let srcs: Vec<String> = sources.iter().map(|s| s.display().to_string()).collect();
+    let text = format!(
+        "source_dirs: [{}]\nage_recipient: {}\ndestination: file://{}/repo\nindex_path: {}/state/index.sqlite\n{extra}",
+        srcs.join(", "),
+        key.public,
+        dir.display(),
+        dir.display()
+    );
+    let path = dir.join("c.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The `<bucket>` argument for a [`local_config`] repository.
+pub fn local_repo(dir: &Path) -> String {
+    format!("file://{}/repo", dir.display())
 }
 
 pub fn vaultik(args: &[&str], env: &[(&str, &str)]) -> Output {
