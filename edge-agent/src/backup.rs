@@ -75,6 +75,16 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     let mut index = Index::open(&config.index_path)?;
     let hasher = ChunkHasher::new(index.chunk_key()?);
     index.begin_run()?;
+    for notice in index.take_notices() {
+        opts.progress.warn(&notice);
+    }
+    let started_ns = crate::index::now_ns();
+    let last_full = index.last_full_scan_ns()?;
+    let full_scan_due = match (config.full_scan_interval, last_full) {
+        (Some(every), Some(t)) => started_ns - t >= every.as_nanos() as i64,
+        _ => false,
+    };
+    let rehash = opts.rehash || full_scan_due;
 
     // Compression workers and the packer.
     let workers = thread::available_parallelism()
@@ -111,7 +121,7 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         summary: Summary::default(),
         skipped: Vec::new(),
         progress: &opts.progress,
-        rehash: opts.rehash,
+        rehash,
         last_commit: Instant::now(),
     };
     let mut walk_skipped = Vec::new();
@@ -199,8 +209,12 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     let sealed = w
         .finish()
         .map_err(|e| Error::io("encrypting", "snapshot manifest", e))?;
+    index.mark_manifest_pending(&id.to_string(), time_unix_ns)?;
     repo.put(&repo.manifest_key(&id), sealed)?;
     index.commit_snapshot(&id.to_string(), time_unix_ns)?;
+    if rehash || last_full.is_none() {
+        index.set_last_full_scan_ns(started_ns)?;
+    }
     opts.progress.finish();
     Ok(Outcome {
         snapshot: id,

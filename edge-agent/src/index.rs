@@ -49,7 +49,33 @@ CREATE TABLE IF NOT EXISTS blobs (
     hash BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots (id TEXT PRIMARY KEY, time_unix_ns INTEGER NOT NULL);
+-- Blobs uploaded by a run that has not completed (yet): reused by the next run if young.
+CREATE TABLE IF NOT EXISTS partial_blobs (
+    id TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    plain_size INTEGER NOT NULL,
+    payload_start INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    uploaded_ns INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS partial_chunks (
+    id BLOB PRIMARY KEY,
+    blob_id TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    clen INTEGER NOT NULL,
+    ulen INTEGER NOT NULL
+) WITHOUT ROWID;
 ";
+
+/// How long blobs of an interrupted run stay eligible for reuse. Prune's safety margin
+/// must exceed this plus the longest backup (docs/FORMAT.md, "Prune safety").
+pub const SALVAGE_WINDOW_NS: i64 = 6 * 3600 * 1_000_000_000;
+
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
 
 /// Stat data of a file as the previous snapshot saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +113,25 @@ pub struct Index {
     conn: Connection,
     path: PathBuf,
     run_path: PathBuf,
-    in_run: bool,
+    /// Blobs of interrupted runs uploaded before this time are not reused.
+    salvage_cutoff_ns: i64,
+    /// Things the user should hear about once (a damaged index, a recovered run).
+    notices: Vec<String>,
+}
+
+/// Opens the index database, checking that it is intact.
+fn open_checked(path: &Path) -> std::result::Result<Connection, rusqlite::Error> {
+    let conn = Connection::open(path)?;
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
+    let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+    if check != "ok" {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+            Some(check),
+        ));
+    }
+    conn.execute_batch(INDEX_SCHEMA)?;
+    Ok(conn)
 }
 
 fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -103,18 +147,36 @@ impl Index {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::io("creating index directory", dir, e))?;
         }
-        let e = sql_err(path);
-        let conn = Connection::open(path).map_err(&e)?;
-        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
-            .map_err(&e)?;
-        conn.execute_batch(INDEX_SCHEMA).map_err(&e)?;
+        let mut notices = Vec::new();
+        let conn = match open_checked(path) {
+            Ok(c) => c,
+            Err(reason) => {
+                // A damaged index only costs re-uploading: set it aside and start afresh.
+                let mut aside = path.as_os_str().to_owned();
+                aside.push(".damaged");
+                std::fs::rename(path, &aside)
+                    .map_err(|err| Error::io("moving aside damaged index", path, err))?;
+                for suffix in ["-wal", "-shm"] {
+                    let mut p = path.as_os_str().to_owned();
+                    p.push(suffix);
+                    let _ = std::fs::remove_file(p);
+                }
+                notices.push(format!(
+                    "warning: local index {} is damaged ({reason}); it was moved to {} and a new one started, so this backup uploads everything again",
+                    path.display(),
+                    PathBuf::from(&aside).display()
+                ));
+                open_checked(path).map_err(sql_err(path))?
+            }
+        };
         let mut run_path = path.as_os_str().to_owned();
         run_path.push("-run");
         Ok(Index {
             conn,
             path: path.to_path_buf(),
             run_path: PathBuf::from(run_path),
-            in_run: false,
+            salvage_cutoff_ns: 0,
+            notices,
         })
     }
 
@@ -146,8 +208,85 @@ impl Index {
         Ok(key)
     }
 
-    /// Starts a run: a fresh run database is attached as `run`.
+    pub fn take_notices(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.notices)
+    }
+
+    fn setting(&self, key: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row(
+                "SELECT CAST(value AS TEXT) FROM settings WHERE key = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.e())
+    }
+
+    fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .map(|_| ())
+            .map_err(self.e())
+    }
+
+    /// When every file was last read in full (a first run counts), if ever.
+    pub fn last_full_scan_ns(&self) -> Result<Option<i64>> {
+        Ok(self
+            .setting("last_full_scan_ns")?
+            .and_then(|v| v.parse().ok()))
+    }
+
+    pub fn set_last_full_scan_ns(&self, t: i64) -> Result<()> {
+        self.set_setting("last_full_scan_ns", &t.to_string())
+    }
+
+    /// Records, durably, that the manifest of the finished run is about to be uploaded.
+    pub fn mark_manifest_pending(&self, id: &str, time_ns: i64) -> Result<()> {
+        self.set_setting("pending_manifest", &format!("{id} {time_ns}"))
+    }
+
+    /// Starts a run: a fresh run database is attached as `run`. Recovers first from a run
+    /// interrupted between its manifest upload and the index update.
     pub fn begin_run(&mut self) -> Result<()> {
+        let now = now_ns();
+        if let Some(pending) = self.setting("pending_manifest")? {
+            let (id, t) = pending.split_once(' ').unwrap_or((pending.as_str(), "0"));
+            let (id, t) = (id.to_string(), t.parse::<i64>().unwrap_or(0));
+            if self.run_path.exists() && now - t < SALVAGE_WINDOW_NS {
+                // Uploaded or not, the finished run's blobs are young: adopt it.
+                self.commit_snapshot(&id, t)?;
+            } else {
+                // Its manifest may exist and make the indexed snapshot prunable: dedup
+                // against it is no longer safe.
+                self.conn
+                    .execute_batch(
+                        "BEGIN; DELETE FROM files; DELETE FROM file_chunks; DELETE FROM chunks;
+                         DELETE FROM blobs; DELETE FROM settings WHERE key = 'pending_manifest'; COMMIT;",
+                    )
+                    .map_err(self.e())?;
+                self.notices.push(format!(
+                    "warning: the previous backup stopped while committing snapshot {id}; this backup uploads everything again"
+                ));
+            }
+        }
+        self.salvage_cutoff_ns = now - SALVAGE_WINDOW_NS;
+        self.conn
+            .execute(
+                "DELETE FROM partial_chunks WHERE blob_id IN
+                     (SELECT id FROM partial_blobs WHERE uploaded_ns < ?1)",
+                [self.salvage_cutoff_ns],
+            )
+            .and_then(|_| {
+                self.conn.execute(
+                    "DELETE FROM partial_blobs WHERE uploaded_ns < ?1",
+                    [self.salvage_cutoff_ns],
+                )
+            })
+            .map_err(self.e())?;
         for suffix in ["", "-journal"] {
             let mut p = self.run_path.as_os_str().to_owned();
             p.push(suffix);
@@ -166,7 +305,6 @@ impl Index {
         let schema = schema.replace("ON run.nodes", "ON nodes");
         self.conn.execute_batch(&schema).map_err(self.e())?;
         self.conn.execute_batch("BEGIN").map_err(self.e())?;
-        self.in_run = true;
         Ok(())
     }
 
@@ -342,7 +480,24 @@ impl Index {
             s.execute(params![&p.chunk.0[..], id, p.offset as i64, p.clen, p.ulen])
                 .map_err(self.e())?;
         }
-        Ok(())
+        drop(s);
+        // Also remembered outside the run database, so that a run killed after this
+        // point does not upload the blob again.
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO main.partial_blobs
+                 SELECT id, size, plain_size, payload_start, hash, ?2 FROM run.blobs WHERE id = ?1",
+                params![id, now_ns()],
+            )
+            .and_then(|_| {
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO main.partial_chunks
+                     SELECT * FROM run.chunks WHERE blob_id = ?1",
+                    [&id],
+                )
+            })
+            .map_err(self.e())?;
+        self.checkpoint()
     }
 
     /// Completes the run database: blob rows for reused chunks, drops chunk rows no file
@@ -353,7 +508,10 @@ impl Index {
             .execute_batch(
                 "DELETE FROM run.chunks WHERE id NOT IN (SELECT chunk_id FROM run.file_chunks);
                  INSERT OR IGNORE INTO run.blobs
-                     SELECT * FROM main.blobs WHERE id IN (SELECT blob_id FROM run.chunks);",
+                     SELECT * FROM main.blobs WHERE id IN (SELECT blob_id FROM run.chunks);
+                 INSERT OR IGNORE INTO run.blobs
+                     SELECT id, size, plain_size, payload_start, hash FROM main.partial_blobs
+                     WHERE id IN (SELECT blob_id FROM run.chunks);",
             )
             .map_err(&e)?;
         for (k, v) in meta {
@@ -380,7 +538,6 @@ impl Index {
         self.conn
             .execute_batch("COMMIT; DETACH DATABASE run")
             .map_err(&e)?;
-        self.in_run = false;
         Ok(self.run_path.clone())
     }
 
@@ -402,7 +559,10 @@ impl Index {
                      FROM run.nodes WHERE kind = 'file';
                  INSERT INTO main.file_chunks SELECT * FROM run.file_chunks;
                  INSERT INTO main.chunks SELECT * FROM run.chunks;
-                 INSERT INTO main.blobs SELECT * FROM run.blobs;",
+                 INSERT INTO main.blobs SELECT * FROM run.blobs;
+                 DELETE FROM main.partial_chunks;
+                 DELETE FROM main.partial_blobs;
+                 DELETE FROM main.settings WHERE key = 'pending_manifest';",
             )
             .map_err(&e)?;
         self.conn

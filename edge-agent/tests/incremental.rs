@@ -1,0 +1,143 @@
+//! Incremental behaviour: what a re-run reads and uploads, and recovery from a bad index.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+
+fn backup(cfg: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["backup", cfg.to_str().unwrap(), "--cron"];
+    args.extend_from_slice(extra);
+    vaultik(&args, &[])
+}
+
+fn last_summary(dir: &std::path::Path, key: &Key) -> serde_json::Value {
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let out = vaultik(&["snapshots", &local_repo(dir), "", "--json"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    list.last().unwrap()["summary"].clone()
+}
+
+fn restore_latest_matches(dir: &std::path::Path, key: &Key, src: &std::path::Path, name: &str) {
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let target = dir.join(name);
+    let out = vaultik(
+        &[
+            "restore",
+            &local_repo(dir),
+            "",
+            "latest",
+            target.to_str().unwrap(),
+            "-q",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_tree(src, &restored(&target, src));
+}
+
+#[test]
+fn renames_cost_no_upload_and_edits_upload_only_new_chunks() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(src.join("a")).unwrap();
+    std::fs::write(src.join("a/big.bin"), pseudo_random(8 << 20, 3)).unwrap();
+    let key = keygen(t.path());
+    let cfg = local_config(t.path(), &[&src], &key, "chunk_size: 256KiB\n");
+    assert!(backup(&cfg, &[]).status.success());
+
+    // A move to another directory: read again, nothing new stored.
+    std::fs::create_dir_all(src.join("b")).unwrap();
+    std::fs::rename(src.join("a/big.bin"), src.join("b/moved.bin")).unwrap();
+    assert!(backup(&cfg, &[]).status.success());
+    let s = last_summary(t.path(), &key);
+    assert_eq!(s["bytes_read"].as_u64(), Some(8 << 20));
+    assert_eq!(s["new_chunks"].as_u64(), Some(0), "{s}");
+    assert_eq!(s["uploaded_bytes"].as_u64(), Some(0), "{s}");
+
+    // An edit in the middle: only the chunks around it are new.
+    let mut data = std::fs::read(src.join("b/moved.bin")).unwrap();
+    data[4 << 20] ^= 0xff;
+    std::fs::write(src.join("b/moved.bin"), &data).unwrap();
+    assert!(backup(&cfg, &[]).status.success());
+    let s = last_summary(t.path(), &key);
+    let new = s["new_bytes"].as_u64().unwrap();
+    assert!(
+        new > 0 && new <= 3 * (256 << 10),
+        "an edit of one byte stored {new} new bytes"
+    );
+    restore_latest_matches(t.path(), &key, &src, "r1");
+}
+
+#[test]
+fn rehash_and_full_scan_interval_read_everything() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), pseudo_random(1 << 20, 9)).unwrap();
+    let key = keygen(t.path());
+    let cfg = local_config(t.path(), &[&src], &key, "");
+    assert!(backup(&cfg, &[]).status.success());
+    assert!(backup(&cfg, &[]).status.success());
+    assert_eq!(last_summary(t.path(), &key)["bytes_read"].as_u64(), Some(0));
+    assert!(backup(&cfg, &["--rehash"]).status.success());
+    assert_eq!(
+        last_summary(t.path(), &key)["bytes_read"].as_u64(),
+        Some(1 << 20)
+    );
+
+    let cfg = local_config(t.path(), &[&src], &key, "full_scan_interval: 1s\n");
+    assert!(backup(&cfg, &[]).status.success());
+    assert_eq!(
+        last_summary(t.path(), &key)["bytes_read"].as_u64(),
+        Some(0),
+        "the last full scan was just now"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert!(backup(&cfg, &[]).status.success());
+    assert_eq!(
+        last_summary(t.path(), &key)["bytes_read"].as_u64(),
+        Some(1 << 20),
+        "full scan was due"
+    );
+}
+
+#[test]
+fn damaged_or_missing_index_still_backs_up() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), pseudo_random(300_000, 2)).unwrap();
+    std::fs::write(src.join("g"), b"small").unwrap();
+    let key = keygen(t.path());
+    let cfg = local_config(t.path(), &[&src], &key, "");
+    assert!(backup(&cfg, &[]).status.success());
+
+    let index = t.path().join("state/index.sqlite");
+    std::fs::write(
+        &index,
+        b"this is not a database, it was overwritten by accident",
+    )
+    .unwrap();
+    let out = backup(&cfg, &[]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.matches("is damaged").count(), 1, "{err}");
+    assert!(t.path().join("state/index.sqlite.damaged").exists());
+    restore_latest_matches(t.path(), &key, &src, "r1");
+    // The next run is quiet again.
+    let out = backup(&cfg, &[]);
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::remove_dir_all(t.path().join("state")).unwrap();
+    let out = backup(&cfg, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::write(src.join("g"), b"changed after losing the index").unwrap();
+    assert!(backup(&cfg, &[]).status.success());
+    restore_latest_matches(t.path(), &key, &src, "r2");
+}
