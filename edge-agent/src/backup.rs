@@ -416,7 +416,9 @@ impl Scanner<'_> {
             .as_ref()
             .ok_or_else(|| Error::Pipeline("chunk queue closed".into()))?
             .send(batch)
-            .map_err(|_| Error::Pipeline("the compressors stopped".into()))
+            .map_err(|_| Error::Pipeline("the compressors stopped".into()))?;
+        // Record blobs that finished meanwhile: a big file can span several blobs.
+        self.absorb_done()
     }
 
     fn absorb_done(&mut self) -> Result<()> {

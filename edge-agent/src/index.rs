@@ -451,7 +451,19 @@ impl Index {
             )
             .and_then(|mut s| s.execute([&id.0[..]]))
             .map_err(self.e())?;
-        Ok(copied > 0)
+        if copied > 0 {
+            return Ok(true);
+        }
+        let salvaged = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO run.chunks
+                 SELECT c.* FROM main.partial_chunks c JOIN main.partial_blobs b ON b.id = c.blob_id
+                 WHERE c.id = ?1 AND b.uploaded_ns >= ?2",
+            )
+            .and_then(|mut s| s.execute(params![&id.0[..], self.salvage_cutoff_ns]))
+            .map_err(self.e())?;
+        Ok(salvaged > 0)
     }
 
     pub fn record_blob(&self, b: &BlobDone) -> Result<()> {
