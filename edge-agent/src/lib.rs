@@ -12,6 +12,7 @@ pub mod error;
 pub mod index;
 pub mod pack;
 pub mod progress;
+pub mod prune;
 pub mod restore;
 pub mod scan;
 pub mod snapshot;

@@ -74,6 +74,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Forget snapshots by retention rules and delete blobs no kept snapshot uses.
+    Prune {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Delete only blobs uploaded longer ago than this (longer than any backup runs).
+        #[arg(long, default_value = "48h", value_parser = edge_agent::prune::parse_duration)]
+        safety_margin: Duration,
+        /// Print the plan and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print a new age key pair (the public key also goes to stderr).
     Keygen {
         /// Write the key file here (mode 0600) instead of stdout.
@@ -93,6 +106,54 @@ struct RepoArgs {
     config: Option<PathBuf>,
     #[arg(long, default_value = DEFAULT_INDEX_PREFIX)]
     index_prefix: String,
+}
+
+#[derive(Args)]
+struct PolicyArgs {
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N")]
+    keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the last N hours that have one.
+    #[arg(long, value_name = "N")]
+    keep_hourly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    keep_daily: Option<u32>,
+    #[arg(long, value_name = "N")]
+    keep_weekly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    keep_monthly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    keep_yearly: Option<u32>,
+    /// Keep every snapshot within this long of the newest (e.g. 30d).
+    #[arg(long, value_name = "DURATION", value_parser = edge_agent::prune::parse_duration)]
+    keep_within: Option<Duration>,
+    /// Apply the rules per host, or per host and set of paths.
+    #[arg(long, value_enum, default_value = "host")]
+    group_by: GroupArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum GroupArg {
+    Host,
+    HostPaths,
+}
+
+impl PolicyArgs {
+    fn policy(&self) -> edge_agent::prune::Policy {
+        edge_agent::prune::Policy {
+            keep_last: self.keep_last,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            keep_yearly: self.keep_yearly,
+            keep_within: self.keep_within,
+            group_by: match self.group_by {
+                GroupArg::Host => edge_agent::prune::GroupBy::Host,
+                GroupArg::HostPaths => edge_agent::prune::GroupBy::HostPaths,
+            },
+        }
+    }
 }
 
 #[derive(Args)]
@@ -176,6 +237,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 print_snapshots(&list, &mut out)?;
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Prune {
+            repo,
+            policy,
+            safety_margin,
+            dry_run,
+        } => {
+            let rt = runtime()?;
+            let (repo, ids) = open_restore_side(&repo, &rt)?;
+            edge_agent::prune::run(
+                &repo,
+                &ids,
+                &policy.policy(),
+                safety_margin,
+                dry_run,
+                &mut std::io::stdout().lock(),
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Restore {

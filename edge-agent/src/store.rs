@@ -74,6 +74,8 @@ pub struct Uploaded {
 pub struct Listed {
     pub key: String,
     pub size: u64,
+    /// Last modification (upload) time, nanoseconds since the epoch.
+    pub modified_ns: i64,
 }
 
 /// A repository: an object store, a key prefix, and the layout of keys below it.
@@ -315,6 +317,7 @@ impl Repo {
                     .map(|m| Listed {
                         key: m.location.to_string(),
                         size: m.size,
+                        modified_ns: m.last_modified.timestamp_nanos_opt().unwrap_or(0),
                     })
                     .collect()
             })

@@ -1,0 +1,506 @@
+//! Retention and garbage collection. Planning is pure (values in, a printable plan
+//! out); `run` does the I/O and deletes only what a plan lists.
+//!
+//! Safety rules (docs/FORMAT.md, "Prune safety"):
+//! - the newest snapshot of every host is always kept, because agents deduplicate
+//!   against their own newest snapshot;
+//! - a blob is deleted only if no kept snapshot references it and it was uploaded more
+//!   than the safety margin ago, so blobs of a backup still running (or of a run that
+//!   was interrupted and is being resumed) are never deleted.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use crate::crypt::Identities;
+use crate::error::{Error, Result};
+use crate::pack::BlobId;
+use crate::snapshot::{Manifest, SnapshotId};
+use crate::store::Repo;
+
+pub const DEFAULT_SAFETY_MARGIN: Duration = Duration::from_secs(48 * 3600);
+
+/// How snapshots are grouped before retention rules apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupBy {
+    #[default]
+    Host,
+    /// Host and the set of backed-up paths (a "snapshot name").
+    HostPaths,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    pub keep_within: Option<Duration>,
+    pub group_by: GroupBy,
+}
+
+impl Policy {
+    /// With no rule at all, every snapshot is kept and prune only collects garbage.
+    pub fn is_empty(&self) -> bool {
+        self.keep_last.is_none()
+            && self.keep_hourly.is_none()
+            && self.keep_daily.is_none()
+            && self.keep_weekly.is_none()
+            && self.keep_monthly.is_none()
+            && self.keep_yearly.is_none()
+            && self.keep_within.is_none()
+    }
+}
+
+/// What the planner needs to know of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub host: String,
+    pub paths: Vec<String>,
+    pub time_ns: i64,
+}
+
+impl From<&Manifest> for SnapshotInfo {
+    fn from(m: &Manifest) -> Self {
+        SnapshotInfo {
+            id: m.id.clone(),
+            host: m.hostname.clone(),
+            paths: m.source_dirs.clone(),
+            time_ns: m.time_unix_ns,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub snapshot: SnapshotInfo,
+    /// Why it is kept; empty means it is forgotten.
+    pub reasons: Vec<&'static str>,
+}
+
+impl Verdict {
+    pub fn keep(&self) -> bool {
+        !self.reasons.is_empty()
+    }
+}
+
+/// Civil date (UTC) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// ISO-8601 week-numbering year and week of a day count.
+fn iso_week(days: i64) -> (i64, i64) {
+    let weekday = (days + 3).rem_euclid(7); // Monday = 0; 1970-01-01 was a Thursday
+    let thursday = days - weekday + 3;
+    let (year, _, _) = civil_from_days(thursday);
+    let jan1 = days_from_civil(year, 1, 1);
+    (year, (thursday - jan1) / 7 + 1)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Calendar buckets of a time for the hourly/daily/weekly/monthly/yearly rules.
+fn buckets(time_ns: i64) -> [i64; 5] {
+    let secs = time_ns.div_euclid(1_000_000_000);
+    let days = secs.div_euclid(86_400);
+    let hour = secs.div_euclid(3600);
+    let (y, m, _) = civil_from_days(days);
+    let (wy, w) = iso_week(days);
+    [hour, days, wy * 100 + w, y * 100 + i64::from(m), y]
+}
+
+/// Decides which snapshots to keep. Pure.
+pub fn plan_snapshots(snaps: &[SnapshotInfo], policy: &Policy) -> Vec<Verdict> {
+    let mut groups: BTreeMap<(String, Vec<String>), Vec<&SnapshotInfo>> = BTreeMap::new();
+    for s in snaps {
+        let paths = match policy.group_by {
+            GroupBy::Host => Vec::new(),
+            GroupBy::HostPaths => {
+                let mut p = s.paths.clone();
+                p.sort();
+                p
+            }
+        };
+        groups.entry((s.host.clone(), paths)).or_default().push(s);
+    }
+    let mut newest_of_host: BTreeMap<&str, &SnapshotInfo> = BTreeMap::new();
+    for s in snaps {
+        let e = newest_of_host.entry(&s.host).or_insert(s);
+        if (s.time_ns, &s.id) > (e.time_ns, &e.id) {
+            *e = s;
+        }
+    }
+    let mut out = Vec::new();
+    for (_, mut group) in groups {
+        group.sort_by(|a, b| (b.time_ns, &b.id).cmp(&(a.time_ns, &a.id)));
+        let newest = group.first().map_or(0, |s| s.time_ns);
+        let rules = [
+            (policy.keep_hourly, "hourly"),
+            (policy.keep_daily, "daily"),
+            (policy.keep_weekly, "weekly"),
+            (policy.keep_monthly, "monthly"),
+            (policy.keep_yearly, "yearly"),
+        ];
+        let mut last_bucket: [Option<i64>; 5] = [None; 5];
+        let mut kept_in: [u32; 5] = [0; 5];
+        for (i, s) in group.iter().enumerate() {
+            let mut reasons = Vec::new();
+            if policy.is_empty() {
+                reasons.push("no retention rule given");
+            }
+            if newest_of_host
+                .get(s.host.as_str())
+                .is_some_and(|n| n.id == s.id)
+            {
+                reasons.push("newest of its host");
+            }
+            if policy.keep_last.is_some_and(|n| (i as u32) < n) {
+                reasons.push("last");
+            }
+            if let Some(w) = policy.keep_within {
+                if newest - s.time_ns <= w.as_nanos() as i64 {
+                    reasons.push("within");
+                }
+            }
+            let b = buckets(s.time_ns);
+            for (k, (limit, name)) in rules.iter().enumerate() {
+                let Some(limit) = limit else { continue };
+                if kept_in[k] < *limit && last_bucket[k] != Some(b[k]) {
+                    kept_in[k] += 1;
+                    last_bucket[k] = Some(b[k]);
+                    reasons.push(name);
+                }
+            }
+            out.push(Verdict {
+                snapshot: (*s).clone(),
+                reasons,
+            });
+        }
+    }
+    out.sort_by(|a, b| {
+        (a.snapshot.time_ns, &a.snapshot.id).cmp(&(b.snapshot.time_ns, &b.snapshot.id))
+    });
+    out
+}
+
+/// A stored object the blob plan considers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlob {
+    pub id: String,
+    pub size: u64,
+    pub modified_ns: i64,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct BlobPlan {
+    pub delete: Vec<StoredBlob>,
+    pub bytes_freed: u64,
+    /// Unreferenced but younger than the margin: kept this time.
+    pub young_unreferenced: u64,
+    pub referenced: u64,
+}
+
+/// Decides which blobs to delete. Pure.
+pub fn plan_blobs(
+    stored: &[StoredBlob],
+    referenced: &HashSet<String>,
+    margin: Duration,
+    now_ns: i64,
+) -> BlobPlan {
+    let cutoff = now_ns - margin.as_nanos() as i64;
+    let mut plan = BlobPlan::default();
+    for b in stored {
+        if referenced.contains(&b.id) {
+            plan.referenced += 1;
+        } else if b.modified_ns < cutoff {
+            plan.bytes_freed += b.size;
+            plan.delete.push(b.clone());
+        } else {
+            plan.young_unreferenced += 1;
+        }
+    }
+    plan
+}
+
+/// Parses a `--keep-within`/`--safety-margin` duration such as `30d` or `48h`.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e})"))
+}
+
+/// A whole prune plan, ready to print or carry out.
+#[derive(Debug)]
+pub struct Plan {
+    pub verdicts: Vec<Verdict>,
+    pub blobs: BlobPlan,
+    /// Metadata objects with no manifest (interrupted backups), old enough to delete.
+    pub orphan_metadata: Vec<String>,
+}
+
+impl Plan {
+    pub fn forget(&self) -> impl Iterator<Item = &Verdict> {
+        self.verdicts.iter().filter(|v| !v.keep())
+    }
+
+    pub fn print(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        for v in &self.verdicts {
+            let s = &v.snapshot;
+            let when = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_nanos(s.time_ns.max(0) as u64),
+            );
+            if v.keep() {
+                writeln!(
+                    out,
+                    "keep    {} {when} {} ({})",
+                    s.id,
+                    s.host,
+                    v.reasons.join(", ")
+                )?;
+            } else {
+                writeln!(out, "forget  {} {when} {}", s.id, s.host)?;
+            }
+        }
+        writeln!(
+            out,
+            "{} snapshots kept, {} forgotten; {} blobs referenced; {} blobs to delete ({} bytes freed); {} unreferenced blobs younger than the safety margin kept; {} leftover metadata objects to delete",
+            self.verdicts.iter().filter(|v| v.keep()).count(),
+            self.forget().count(),
+            self.blobs.referenced,
+            self.blobs.delete.len(),
+            self.blobs.bytes_freed,
+            self.blobs.young_unreferenced,
+            self.orphan_metadata.len()
+        )
+    }
+}
+
+/// Plans a prune of `repo`, prints the plan, and unless `dry_run` carries it out:
+/// forgotten snapshots' manifests first (they vanish at once), then their metadata, then
+/// blobs, then leftover metadata of interrupted backups.
+pub fn run(
+    repo: &Repo,
+    ids: &Identities,
+    policy: &Policy,
+    margin: Duration,
+    dry_run: bool,
+    out: &mut dyn std::io::Write,
+) -> Result<Plan> {
+    let now = crate::index::now_ns();
+    let cutoff = now - margin.as_nanos() as i64;
+    let index_objects = repo.list(&repo.index_dir())?;
+    let manifests = crate::restore::list_snapshots(repo, ids)?;
+    let infos: Vec<SnapshotInfo> = manifests.iter().map(SnapshotInfo::from).collect();
+    let verdicts = plan_snapshots(&infos, policy);
+    let mut referenced = HashSet::new();
+    for v in verdicts.iter().filter(|v| v.keep()) {
+        let Some(m) = manifests.iter().find(|m| m.id == v.snapshot.id) else {
+            continue;
+        };
+        // A kept snapshot whose metadata cannot be read stops the prune: its blobs
+        // would otherwise look unreferenced.
+        let meta = crate::restore::open_metadata(repo, ids, m.clone())?;
+        let mut q = meta.conn.prepare("SELECT id FROM blobs")?;
+        for id in q.query_map([], |r| r.get::<_, String>(0))? {
+            referenced.insert(id?);
+        }
+    }
+    // Listed after the snapshots were read: anything a backup adds meanwhile is young.
+    let stored: Vec<StoredBlob> = repo
+        .list(&repo.blobs_dir())?
+        .into_iter()
+        .filter_map(|o| {
+            let id = o.key.rsplit('/').next()?.to_string();
+            Some(StoredBlob {
+                id,
+                size: o.size,
+                modified_ns: o.modified_ns,
+            })
+        })
+        .collect();
+    let blobs = plan_blobs(&stored, &referenced, margin, now);
+    let manifest_ids: HashSet<&str> = index_objects
+        .iter()
+        .filter_map(|o| o.key.rsplit('/').next()?.strip_suffix(".snapshot"))
+        .collect();
+    let orphan_metadata = index_objects
+        .iter()
+        .filter(|o| o.modified_ns < cutoff)
+        .filter_map(|o| {
+            let id = o.key.rsplit('/').next()?.strip_suffix(".metadata")?;
+            (!manifest_ids.contains(id)).then(|| id.to_string())
+        })
+        .collect();
+    let plan = Plan {
+        verdicts,
+        blobs,
+        orphan_metadata,
+    };
+    plan.print(out)
+        .map_err(|e| Error::io("writing", "the prune plan", e))?;
+    if dry_run {
+        return Ok(plan);
+    }
+    for v in plan.forget() {
+        let id = SnapshotId::parse(&v.snapshot.id)
+            .ok_or_else(|| Error::SnapshotNotFound(v.snapshot.id.clone()))?;
+        repo.delete(&repo.manifest_key(&id))?;
+        repo.delete(&repo.metadata_key(&id))?;
+    }
+    for b in &plan.blobs.delete {
+        if let Some(id) = BlobId::parse(&b.id) {
+            repo.delete(&repo.blob_key(&id))?;
+        }
+    }
+    for m in &plan.orphan_metadata {
+        if let Some(id) = SnapshotId::parse(m) {
+            repo.delete(&repo.metadata_key(&id))?;
+        }
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: i64 = 3600 * 1_000_000_000;
+    const D: i64 = 24 * H;
+
+    fn snap(id: &str, host: &str, time_ns: i64) -> SnapshotInfo {
+        SnapshotInfo {
+            id: id.into(),
+            host: host.into(),
+            paths: vec!["/data".into()],
+            time_ns,
+        }
+    }
+
+    fn kept(v: &[Verdict]) -> Vec<&str> {
+        v.iter()
+            .filter(|v| v.keep())
+            .map(|v| v.snapshot.id.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn calendar() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(days_from_civil(2024, 2, 29), 19_782);
+        // 2026-11-21 is a Saturday of ISO week 47; 2021-01-03 belongs to 2020-W53.
+        assert_eq!(iso_week(days_from_civil(2026, 11, 21)), (2026, 47));
+        assert_eq!(iso_week(days_from_civil(2021, 1, 3)), (2020, 53));
+        assert_eq!(iso_week(days_from_civil(2021, 1, 4)), (2021, 1));
+    }
+
+    #[test]
+    fn keep_last_and_newest_per_host() {
+        let s = vec![
+            snap("a1", "a", 1),
+            snap("a2", "a", 2),
+            snap("a3", "a", 3),
+            snap("b1", "b", 0),
+        ];
+        let p = Policy {
+            keep_last: Some(2),
+            ..Policy::default()
+        };
+        assert_eq!(kept(&plan_snapshots(&s, &p)), ["b1", "a2", "a3"]);
+    }
+
+    #[test]
+    fn keep_daily_takes_newest_of_each_day() {
+        let base = days_from_civil(2026, 11, 1) * D;
+        let s: Vec<_> = (0..10)
+            .flat_map(|day| {
+                (0..3).map(move |h| snap(&format!("d{day}h{h}"), "a", base + day * D + h * H))
+            })
+            .collect();
+        let p = Policy {
+            keep_daily: Some(3),
+            ..Policy::default()
+        };
+        assert_eq!(kept(&plan_snapshots(&s, &p)), ["d7h2", "d8h2", "d9h2"]);
+        let p = Policy {
+            keep_weekly: Some(1),
+            keep_hourly: Some(2),
+            ..Policy::default()
+        };
+        assert_eq!(kept(&plan_snapshots(&s, &p)), ["d9h1", "d9h2"]);
+    }
+
+    #[test]
+    fn keep_within_is_relative_to_the_newest() {
+        let s = vec![
+            snap("old", "a", 0),
+            snap("mid", "a", 5 * D),
+            snap("new", "a", 6 * D),
+        ];
+        let p = Policy {
+            keep_within: Some(Duration::from_secs(2 * 86_400)),
+            ..Policy::default()
+        };
+        assert_eq!(kept(&plan_snapshots(&s, &p)), ["mid", "new"]);
+    }
+
+    #[test]
+    fn group_by_paths() {
+        let mut other = snap("o", "a", 1);
+        other.paths = vec!["/etc".into()];
+        let s = vec![other, snap("d1", "a", 2), snap("d2", "a", 3)];
+        let p = Policy {
+            keep_last: Some(1),
+            group_by: GroupBy::HostPaths,
+            ..Policy::default()
+        };
+        assert_eq!(kept(&plan_snapshots(&s, &p)), ["o", "d2"]);
+    }
+
+    #[test]
+    fn no_rules_keeps_everything() {
+        let s = vec![snap("x", "a", 1), snap("y", "a", 2)];
+        assert_eq!(kept(&plan_snapshots(&s, &Policy::default())), ["x", "y"]);
+    }
+
+    #[test]
+    fn blobs_need_to_be_unreferenced_and_old() {
+        let now = 100 * D;
+        let b = |id: &str, age: i64| StoredBlob {
+            id: id.into(),
+            size: 10,
+            modified_ns: now - age,
+        };
+        let stored = vec![b("ref", 10 * D), b("old", 3 * D), b("young", H)];
+        let refs: HashSet<String> = ["ref".to_string()].into();
+        let plan = plan_blobs(&stored, &refs, Duration::from_secs(48 * 3600), now);
+        assert_eq!(
+            plan.delete
+                .iter()
+                .map(|b| b.id.as_str())
+                .collect::<Vec<_>>(),
+            ["old"]
+        );
+        assert_eq!(
+            (plan.referenced, plan.young_unreferenced, plan.bytes_freed),
+            (1, 1, 10)
+        );
+    }
+}

@@ -1,0 +1,245 @@
+//! Prune against a real S3 server: plans, dry runs, safety margin, and prune racing
+//! backups.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn stored_blobs(s3: &S3Server) -> usize {
+    let dir = s3.bucket_dir().join("host1/blobs");
+    if !dir.exists() {
+        return 0;
+    }
+    common::walk(&dir)
+        .into_iter()
+        .filter(|(_, m)| m.is_file())
+        .count()
+}
+
+fn snapshot_ids(env: &[(&str, &str)]) -> Vec<String> {
+    let out = vaultik(&["snapshots", BUCKET, "host1", "--json"], env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    v.iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn prune(env: &[(&str, &str)], args: &[&str]) -> String {
+    let mut a = vec!["prune", BUCKET, "host1"];
+    a.extend_from_slice(args);
+    let out = vaultik(&a, env);
+    assert!(out.status.success(), "prune {args:?}: {}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn restore_equals(
+    env: &[(&str, &str)],
+    id: &str,
+    dir: &Path,
+    src: &Path,
+    want: &BTreeMap<PathBuf, Desc>,
+) {
+    let target = dir.join(format!("r-{id}"));
+    let out = vaultik(
+        &[
+            "restore",
+            BUCKET,
+            "host1",
+            id,
+            target.to_str().unwrap(),
+            "-q",
+        ],
+        env,
+    );
+    assert!(out.status.success(), "restore {id}: {}", stderr(&out));
+    assert_eq!(
+        &describe(&restored(&target, src)),
+        want,
+        "snapshot {id} differs"
+    );
+}
+
+#[test]
+fn dry_run_then_prune_keeps_every_kept_snapshot_whole() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let key = keygen(t.path());
+    let cfg = s3_config(
+        t.path(),
+        &s3.endpoint,
+        "host1",
+        &[&src],
+        &key,
+        "chunk_size: 64KiB\nblob_size_limit: 256KiB\n",
+    );
+    let mut trees = Vec::new();
+    for generation in 0..4u64 {
+        std::fs::write(
+            src.join(format!("gen-{generation}.bin")),
+            pseudo_random(700_000, generation),
+        )
+        .unwrap();
+        std::fs::write(
+            src.join("changing.bin"),
+            pseudo_random(1_200_000, 50 + generation),
+        )
+        .unwrap();
+        let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        trees.push(describe(&src));
+    }
+    let env = s3_env(&s3.endpoint, &key);
+    let ids = snapshot_ids(&env);
+    assert_eq!(ids.len(), 4);
+    let before = stored_blobs(&s3);
+
+    // Dry run: a plan, and nothing deleted.
+    let plan = prune(
+        &env,
+        &["--keep-last", "2", "--safety-margin", "0s", "--dry-run"],
+    );
+    assert_eq!(plan.matches("forget  ").count(), 2, "{plan}");
+    assert!(
+        plan.contains(&format!("forget  {}", ids[0]))
+            && plan.contains(&format!("forget  {}", ids[1])),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(&format!("keep    {}", ids[3])) && plan.contains("newest of its host"),
+        "{plan}"
+    );
+    assert!(!plan.contains(" 0 blobs to delete"), "{plan}");
+    assert_eq!(stored_blobs(&s3), before);
+    assert_eq!(snapshot_ids(&env).len(), 4);
+
+    // The default margin protects these young blobs: snapshots go, blobs stay.
+    let plan = prune(&env, &["--keep-last", "3"]);
+    assert!(plan.contains(" 0 blobs to delete"), "{plan}");
+    assert_eq!(stored_blobs(&s3), before);
+    assert_eq!(snapshot_ids(&env), ids[1..].to_vec());
+
+    // With no margin the unreferenced blobs go; what is kept restores exactly.
+    prune(&env, &["--keep-last", "2", "--safety-margin", "0s"]);
+    assert!(stored_blobs(&s3) < before, "nothing was deleted");
+    assert_eq!(snapshot_ids(&env), ids[2..].to_vec());
+    for (n, id) in ids.iter().enumerate().skip(2) {
+        restore_equals(&env, id, t.path(), &src, &trees[n]);
+    }
+    // A later backup after the prune is whole too.
+    std::fs::write(src.join("after.bin"), pseudo_random(200_000, 99)).unwrap();
+    assert!(
+        vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[])
+            .status
+            .success()
+    );
+    let last = snapshot_ids(&env).pop().unwrap();
+    restore_equals(&env, &last, t.path(), &src, &describe(&src));
+}
+
+#[test]
+fn prune_racing_backups_never_breaks_a_snapshot() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..4 {
+        std::fs::write(
+            src.join(format!("stable-{i}.bin")),
+            pseudo_random(500_000, i),
+        )
+        .unwrap();
+    }
+    let key = keygen(t.path());
+    let cfg = s3_config(
+        t.path(),
+        &s3.endpoint,
+        "host1",
+        &[&src],
+        &key,
+        "chunk_size: 64KiB\nblob_size_limit: 256KiB\n",
+    );
+    let env = s3_env(&s3.endpoint, &key);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut prunes = 0;
+    std::thread::scope(|s| {
+        let backups = s.spawn(|| {
+            let mut runs = 0u64;
+            while Instant::now() < deadline && runs < 40 {
+                let churn = pseudo_random(6 << 20, 1000 + runs);
+                std::fs::write(src.join("churn.bin"), &churn).unwrap();
+                let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
+                assert!(out.status.success(), "backup {runs}: {}", stderr(&out));
+                // The snapshot just made is the newest, so prune keeps it: it must be
+                // whole even though prunes ran while it was written.
+                let got = t.path().join(format!("churn-{runs}"));
+                let wanted = src.join("churn.bin");
+                let out = vaultik(
+                    &[
+                        "fetch",
+                        BUCKET,
+                        "host1",
+                        "latest",
+                        wanted.to_str().unwrap(),
+                        got.to_str().unwrap(),
+                    ],
+                    &env,
+                );
+                assert!(
+                    out.status.success(),
+                    "snapshot of run {runs} is broken: {}",
+                    stderr(&out)
+                );
+                assert!(
+                    std::fs::read(&got).unwrap() == churn,
+                    "run {runs} restored different bytes"
+                );
+                std::fs::remove_file(&got).unwrap();
+                runs += 1;
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            runs
+        });
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && prunes < 40 {
+            // A margin longer than one backup takes here, as the docs require.
+            let out = vaultik(
+                &[
+                    "prune",
+                    BUCKET,
+                    "host1",
+                    "--keep-last",
+                    "1",
+                    "--safety-margin",
+                    "3s",
+                ],
+                &env,
+            );
+            assert!(out.status.success(), "prune {prunes}: {}", stderr(&out));
+            prunes += 1;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        assert!(backups.join().unwrap() >= 5);
+    });
+    assert!(prunes >= 3, "only {prunes} prunes ran");
+    // One last backup and prune, then every kept snapshot must restore exactly.
+    assert!(
+        vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[])
+            .status
+            .success()
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    prune(&env, &["--keep-last", "1", "--safety-margin", "3s"]);
+    let ids = snapshot_ids(&env);
+    assert_eq!(ids.len(), 1);
+    restore_equals(&env, &ids[0], t.path(), &src, &describe(&src));
+    // Garbage was collected along the way: far fewer blobs than were ever uploaded.
+    assert!(stored_blobs(&s3) <= 40, "{} blobs left", stored_blobs(&s3));
+}
