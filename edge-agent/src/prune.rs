@@ -176,10 +176,10 @@ pub fn plan_snapshots(snaps: &[SnapshotInfo], policy: &Policy) -> Vec<Verdict> {
             if policy.keep_last.is_some_and(|n| (i as u32) < n) {
                 reasons.push("last");
             }
-            if let Some(w) = policy.keep_within {
-                if newest - s.time_ns <= w.as_nanos() as i64 {
-                    reasons.push("within");
-                }
+            if let Some(w) = policy.keep_within
+                && newest - s.time_ns <= w.as_nanos() as i64
+            {
+                reasons.push("within");
             }
             let b = buckets(s.time_ns);
             for (k, (limit, name)) in rules.iter().enumerate() {
