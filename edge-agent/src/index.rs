@@ -590,6 +590,20 @@ impl Index {
             .map_err(|err| Error::io("removing run database", &self.run_path, err))
     }
 
+    /// Blobs referenced by the newest completed snapshot, with their sizes.
+    pub fn blob_sizes(&self) -> Result<Vec<(String, u64)>> {
+        let mut q = self
+            .conn
+            .prepare("SELECT id, size FROM main.blobs")
+            .map_err(self.e())?;
+        let rows = q
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })
+            .map_err(self.e())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.e())
+    }
+
     pub fn run_path(&self) -> &Path {
         &self.run_path
     }

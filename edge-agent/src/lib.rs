@@ -17,5 +17,6 @@ pub mod restore;
 pub mod scan;
 pub mod snapshot;
 pub mod store;
+pub mod verify;
 
 pub use error::Error;

@@ -1,5 +1,6 @@
 //! The `vaultik` command line. Exit codes: 0 success; 1 failure; 2 usage error;
-//! 3 finished, but some files were skipped (backup) or are damaged (restore, fetch).
+//! 3 finished, but some files were skipped (backup) or are damaged (restore, fetch,
+//! verify).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -86,6 +87,24 @@ enum Cmd {
         /// Print the plan and delete nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Check that snapshots are complete. With <bucket> <prefix> (and the private key):
+    /// every snapshot, optionally reading blob data. With only --config (on the agent, no
+    /// key): the blobs of the newest snapshot exist with the right sizes.
+    Verify {
+        bucket: Option<String>,
+        prefix: Option<String>,
+        /// Agent config (for agent mode, or for S3 settings).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = DEFAULT_INDEX_PREFIX)]
+        index_prefix: String,
+        /// Download, decrypt and hash-check every blob.
+        #[arg(long, conflicts_with = "read_data_subset")]
+        read_data: bool,
+        /// Download and check a random share of the blobs, e.g. 10%.
+        #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+        read_data_subset: Option<f64>,
     },
     /// Print a new age key pair (the public key also goes to stderr).
     Keygen {
@@ -239,6 +258,58 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Verify {
+            bucket,
+            prefix,
+            config,
+            index_prefix,
+            read_data,
+            read_data_subset,
+        } => {
+            let rt = runtime()?;
+            let read = match (read_data, read_data_subset) {
+                (true, _) => edge_agent::verify::ReadData::All,
+                (false, Some(p)) => edge_agent::verify::ReadData::Subset(p),
+                (false, None) => edge_agent::verify::ReadData::None,
+            };
+            let report = match (bucket, config) {
+                (Some(bucket), config) => {
+                    let args = RepoArgs {
+                        bucket,
+                        prefix: prefix.unwrap_or_default(),
+                        config,
+                        index_prefix,
+                    };
+                    let (repo, ids) = open_restore_side(&args, &rt)?;
+                    edge_agent::verify::verify(&repo, &ids, read)?
+                }
+                (None, Some(config)) => {
+                    if read != edge_agent::verify::ReadData::None {
+                        bail!(
+                            "reading blob data needs the private key: give <bucket> <prefix> and set VAULTIK_PRIVATE_KEY"
+                        );
+                    }
+                    let cfg = Config::load(&config)?;
+                    let repo = Repo::open(
+                        &cfg.destination,
+                        &cfg.index_prefix,
+                        false,
+                        rt.handle().clone(),
+                    )?;
+                    let index = edge_agent::index::Index::open(&cfg.index_path)?;
+                    edge_agent::verify::verify_from_index(&repo, &index)?
+                }
+                (None, None) => {
+                    bail!("give <bucket> <prefix> (with the private key) or --config (agent mode)")
+                }
+            };
+            report.print(&mut std::io::stdout().lock())?;
+            Ok(if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_PARTIAL)
+            })
+        }
         Cmd::Prune {
             repo,
             policy,
@@ -276,6 +347,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let sel = Selection::one(&filepath, &target);
             restore_cmd(&repo, &snapshot_id, &sel, &opts)
         }
+    }
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let n: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage"))?;
+    if (0.0..=100.0).contains(&n) && n > 0.0 {
+        Ok(n)
+    } else {
+        Err(format!("{s:?} is outside 0% ..= 100%"))
     }
 }
 

@@ -18,11 +18,37 @@ pub const AK: &str = "vaultik-test-ak";
 pub const SK: &str = "vaultik-test-secret-key";
 pub const BUCKET: &str = "bucket";
 
-/// An in-process S3 server on its own runtime thread.
+/// An in-process S3 server on its own runtime thread. `write_only_endpoint` serves the
+/// same storage but allows only the calls a backup needs (PutObject and multipart).
 pub struct S3Server {
     pub endpoint: String,
+    pub write_only_endpoint: String,
     pub root: tempfile::TempDir,
     _rt: tokio::runtime::Runtime,
+}
+
+/// The policy of a write-only credential: uploads, nothing else.
+struct WriteOnly;
+
+#[async_trait::async_trait]
+impl s3s::access::S3Access for WriteOnly {
+    async fn check(&self, cx: &mut s3s::access::S3AccessContext<'_>) -> s3s::S3Result<()> {
+        const ALLOWED: [&str; 5] = [
+            "PutObject",
+            "CreateMultipartUpload",
+            "UploadPart",
+            "CompleteMultipartUpload",
+            "AbortMultipartUpload",
+        ];
+        if cx.credentials().is_none() {
+            return Err(s3s::s3_error!(AccessDenied, "anonymous"));
+        }
+        if ALLOWED.contains(&cx.s3_op().name()) {
+            Ok(())
+        } else {
+            Err(s3s::s3_error!(AccessDenied, "write-only credential"))
+        }
+    }
 }
 
 impl S3Server {
@@ -34,31 +60,11 @@ impl S3Server {
             .enable_all()
             .build()
             .unwrap();
-        let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
-        let mut b = s3s::service::S3ServiceBuilder::new(fs);
-        b.set_auth(s3s::auth::SimpleAuth::from_single(AK, SK));
-        let service = b.build();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        rt.spawn(async move {
-            let http =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            loop {
-                let Ok((sock, _)) = listener.accept().await else {
-                    continue;
-                };
-                let conn = http
-                    .serve_connection(hyper_util::rt::TokioIo::new(sock), service.clone())
-                    .into_owned();
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
-        });
+        let endpoint = serve(&rt, root.path(), false);
+        let write_only_endpoint = serve(&rt, root.path(), true);
         S3Server {
-            endpoint: format!("http://{addr}"),
+            endpoint,
+            write_only_endpoint,
             root,
             _rt: rt,
         }
@@ -67,6 +73,36 @@ impl S3Server {
     pub fn bucket_dir(&self) -> PathBuf {
         self.root.path().join(BUCKET)
     }
+}
+
+fn serve(rt: &tokio::runtime::Runtime, root: &Path, write_only: bool) -> String {
+    let fs = s3s_fs::FileSystem::new(root).unwrap();
+    let mut b = s3s::service::S3ServiceBuilder::new(fs);
+    b.set_auth(s3s::auth::SimpleAuth::from_single(AK, SK));
+    if write_only {
+        b.set_access(WriteOnly);
+    }
+    let service = b.build();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        let http =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let conn = http
+                .serve_connection(hyper_util::rt::TokioIo::new(sock), service.clone())
+                .into_owned();
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+    });
+    format!("http://{addr}")
 }
 
 /// `rclone serve s3` on a free loopback port: an S3 server independent of ours.

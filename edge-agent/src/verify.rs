@@ -1,0 +1,280 @@
+//! `vaultik verify`: checks that what snapshots reference is there and intact.
+//!
+//! With the private key: every blob any snapshot references exists with the recorded
+//! size; with `--read-data` (or a random subset) blobs are downloaded, their BLAKE3
+//! checked, decrypted, and every chunk decompressed and hash-checked. Without the key
+//! (on the agent): every blob of the agent's newest snapshot exists with the right size,
+//! which needs only HEAD (GetObject) permission.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::io::Read;
+
+use crate::crypt::Identities;
+use crate::error::Result;
+use crate::pack::{BlobId, open_frame, parse_blob};
+use crate::restore::{Metadata, open_metadata, read_manifest};
+use crate::snapshot::SnapshotId;
+use crate::store::{Repo, StoreError};
+
+/// How much blob data to download and check.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ReadData {
+    None,
+    All,
+    /// A random share, in percent.
+    Subset(f64),
+}
+
+/// One problem, with what it affects.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub what: String,
+    pub snapshots: BTreeSet<String>,
+    pub files: BTreeSet<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub snapshots: usize,
+    pub blobs: usize,
+    pub blobs_read: usize,
+    /// Keyed by the damaged object.
+    pub damage: BTreeMap<String, Damage>,
+}
+
+impl Report {
+    pub fn is_clean(&self) -> bool {
+        self.damage.is_empty()
+    }
+
+    fn add(&mut self, object: &str, what: String, snapshot: &str, files: Vec<String>) {
+        let d = self.damage.entry(object.to_string()).or_default();
+        if d.what.is_empty() {
+            d.what = what;
+        }
+        d.snapshots.insert(snapshot.to_string());
+        d.files.extend(files);
+    }
+
+    pub fn print(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        for (object, d) in &self.damage {
+            writeln!(out, "damaged: {object}: {}", d.what)?;
+            if !d.snapshots.is_empty() {
+                let s: Vec<&str> = d.snapshots.iter().map(String::as_str).collect();
+                writeln!(out, "  snapshots: {}", s.join(" "))?;
+            }
+            for f in d.files.iter().take(20) {
+                writeln!(out, "  file: /{f}")?;
+            }
+            if d.files.len() > 20 {
+                writeln!(out, "  … and {} more files", d.files.len() - 20)?;
+            }
+        }
+        writeln!(
+            out,
+            "{} snapshots, {} blobs checked, {} blobs read in full: {}",
+            self.snapshots,
+            self.blobs,
+            self.blobs_read,
+            if self.is_clean() {
+                "no problems found".to_string()
+            } else {
+                format!("{} damaged objects", self.damage.len())
+            }
+        )
+    }
+}
+
+struct BlobRecord {
+    size: u64,
+    hash: Vec<u8>,
+    snapshot: String,
+}
+
+fn files_in_blob(meta: &Metadata, blob: &str) -> Result<Vec<String>> {
+    let mut q = meta.conn.prepare_cached(
+        "SELECT DISTINCT n.path FROM nodes n JOIN file_chunks f ON f.node_id = n.id
+         JOIN chunks c ON c.id = f.chunk_id WHERE c.blob_id = ?1 ORDER BY n.path",
+    )?;
+    let rows = q.query_map([blob], |r| r.get::<_, Vec<u8>>(0))?;
+    let mut out = Vec::new();
+    for r in rows {
+        out.push(String::from_utf8_lossy(&r?).into_owned());
+    }
+    Ok(out)
+}
+
+/// Verifies every snapshot of the repository (needs the private key).
+pub fn verify(repo: &Repo, ids: &Identities, read: ReadData) -> Result<Report> {
+    let mut report = Report::default();
+    let stored: HashMap<String, u64> = repo
+        .list(&repo.blobs_dir())?
+        .into_iter()
+        .filter_map(|o| Some((o.key.rsplit('/').next()?.to_string(), o.size)))
+        .collect();
+    let mut to_read: BTreeMap<String, BlobRecord> = BTreeMap::new();
+    let mut affected: HashMap<String, Vec<String>> = HashMap::new();
+    // Each blob is downloaded once, however many snapshots share it.
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut checked: HashSet<String> = HashSet::new();
+    for obj in repo.list(&repo.index_dir())? {
+        let Some(name) = obj.key.rsplit('/').next() else {
+            continue;
+        };
+        let Some(id) = name.strip_suffix(".snapshot").and_then(SnapshotId::parse) else {
+            continue;
+        };
+        report.snapshots += 1;
+        let sid = id.to_string();
+        let manifest = match read_manifest(repo, ids, &id) {
+            Ok(m) => m,
+            Err(crate::Error::Key(e @ crate::crypt::KeyError::WrongKey { .. })) => {
+                return Err(e.into());
+            }
+            Err(e) => {
+                report.add(
+                    &obj.key,
+                    format!("manifest unreadable: {e}"),
+                    &sid,
+                    Vec::new(),
+                );
+                continue;
+            }
+        };
+        let meta = match open_metadata(repo, ids, manifest) {
+            Ok(m) => m,
+            Err(e) => {
+                let key = repo.metadata_key(&id).to_string();
+                let what = match e {
+                    crate::Error::Store(StoreError::NotFound { .. }) => {
+                        "metadata object is missing".to_string()
+                    }
+                    e => format!("metadata unreadable: {e}"),
+                };
+                report.add(&key, what, &sid, Vec::new());
+                continue;
+            }
+        };
+        let mut q = meta.conn.prepare("SELECT id, size, hash FROM blobs")?;
+        let blobs: Vec<(String, i64, Vec<u8>)> = q
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        drop(q);
+        for (blob, size, hash) in blobs {
+            let problem = match stored.get(&blob) {
+                None => Some("blob is missing".to_string()),
+                Some(s) if *s != size as u64 => Some(format!("blob is {s} bytes, expected {size}")),
+                Some(_) => None,
+            };
+            checked.insert(blob.clone());
+            if let Some(what) = problem {
+                report.add(&blob, what, &sid, files_in_blob(&meta, &blob)?);
+                continue;
+            }
+            if read != ReadData::None && seen.insert(blob.clone()) {
+                affected
+                    .entry(blob.clone())
+                    .or_default()
+                    .extend(files_in_blob(&meta, &blob)?);
+                to_read.entry(blob).or_insert(BlobRecord {
+                    size: size as u64,
+                    hash,
+                    snapshot: sid.clone(),
+                });
+            }
+        }
+        if read != ReadData::None {
+            read_blobs(repo, ids, &meta, &mut to_read, &affected, read, &mut report)?;
+        }
+    }
+    report.blobs = checked.len();
+    Ok(report)
+}
+
+/// Downloads and checks the blobs queued by one snapshot (each blob once overall).
+fn read_blobs(
+    repo: &Repo,
+    ids: &Identities,
+    meta: &Metadata,
+    queue: &mut BTreeMap<String, BlobRecord>,
+    affected: &HashMap<String, Vec<String>>,
+    read: ReadData,
+    report: &mut Report,
+) -> Result<()> {
+    let queued: Vec<(String, BlobRecord)> = std::mem::take(queue).into_iter().collect();
+    for (blob, rec) in queued {
+        if let ReadData::Subset(pct) = read
+            && rand::random::<f64>() * 100.0 >= pct
+        {
+            continue;
+        }
+        if report.damage.contains_key(&blob) {
+            continue;
+        }
+        report.blobs_read += 1;
+        let files = affected.get(&blob).cloned().unwrap_or_default();
+        if let Err(what) = check_blob(repo, ids, meta, &blob, &rec) {
+            report.add(&blob, what, &rec.snapshot, files);
+        }
+    }
+    Ok(())
+}
+
+fn check_blob(
+    repo: &Repo,
+    ids: &Identities,
+    meta: &Metadata,
+    blob: &str,
+    rec: &BlobRecord,
+) -> std::result::Result<(), String> {
+    let id = BlobId::parse(blob).ok_or_else(|| "blob name is not valid".to_string())?;
+    let data = repo.get(&repo.blob_key(&id)).map_err(|e| e.to_string())?;
+    if data.len() as u64 != rec.size {
+        return Err(format!(
+            "blob is {} bytes, expected {}",
+            data.len(),
+            rec.size
+        ));
+    }
+    if blake3::hash(&data).as_bytes()[..] != rec.hash[..] {
+        return Err("blob content does not match its recorded hash".into());
+    }
+    let mut plain = Vec::new();
+    ids.decrypt(&data[..], blob)
+        .map_err(|e| e.to_string())?
+        .read_to_end(&mut plain)
+        .map_err(|e| format!("does not decrypt: {e}"))?;
+    let entries = parse_blob(blob, &plain).map_err(|e| e.to_string())?;
+    for p in &entries {
+        let frame = &plain[p.offset as usize..(p.offset + u64::from(p.clen)) as usize];
+        open_frame(frame, p.ulen, p.chunk, &meta.hasher).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Verifies, without the private key, that every blob of the agent's newest snapshot
+/// (from its local index) exists with the right size.
+pub fn verify_from_index(repo: &Repo, index: &crate::index::Index) -> Result<Report> {
+    let mut report = Report::default();
+    for (blob, size) in index.blob_sizes()? {
+        report.blobs += 1;
+        let Some(id) = BlobId::parse(&blob) else {
+            continue;
+        };
+        let problem = match repo.size(&repo.blob_key(&id)) {
+            Ok(s) if s == size => None,
+            Ok(s) => Some(format!("blob is {s} bytes, expected {size}")),
+            Err(StoreError::NotFound { .. }) => Some("blob is missing".to_string()),
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(what) = problem {
+            report.add(
+                &blob,
+                what,
+                "newest snapshot in the local index",
+                Vec::new(),
+            );
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,322 @@
+//! Repositories damaged on purpose, against a real S3 server: what `verify` and
+//! `restore` say about each. Also: a backup with write-only credentials.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+
+struct Fixture {
+    s3: S3Server,
+    t: tempfile::TempDir,
+    src: PathBuf,
+    key: Key,
+    cfg: PathBuf,
+    id: String,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let s3 = S3Server::start();
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("a.bin"), pseudo_random(600_000, 1)).unwrap();
+        std::fs::write(src.join("b.bin"), pseudo_random(600_000, 2)).unwrap();
+        for i in 0..5 {
+            std::fs::write(src.join(format!("s{i}.txt")), format!("small {i}\n")).unwrap();
+        }
+        let key = keygen(t.path());
+        let cfg = s3_config(
+            t.path(),
+            &s3.endpoint,
+            "host1",
+            &[&src],
+            &key,
+            "chunk_size: 64KiB\nblob_size_limit: 256KiB\n",
+        );
+        let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let env = s3_env(&s3.endpoint, &key);
+        let out = vaultik(&["snapshots", BUCKET, "host1", "--json"], &env);
+        let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let id = v[0]["id"].as_str().unwrap().to_string();
+        Fixture {
+            s3,
+            t,
+            src,
+            key,
+            cfg,
+            id,
+        }
+    }
+
+    fn env(&self) -> Vec<(&str, &str)> {
+        s3_env(&self.s3.endpoint, &self.key)
+    }
+
+    /// The blob object holding the first chunk of `name`, found with stock tools.
+    fn blob_of(&self, name: &str) -> PathBuf {
+        let meta = self
+            .s3
+            .bucket_dir()
+            .join(format!("host1/index/{}.metadata", self.id));
+        let db = self.t.path().join("probe.sqlite");
+        let _ = std::fs::remove_file(&db);
+        let sh = format!(
+            "age -d -i {} {} | zstd -q -d -o {}",
+            self.key.file.display(),
+            meta.display(),
+            db.display()
+        );
+        assert!(
+            Command::new("sh")
+                .arg("-c")
+                .arg(&sh)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let q = format!(
+            "SELECT c.blob_id FROM nodes n JOIN file_chunks f ON f.node_id = n.id JOIN chunks c ON c.id = f.chunk_id WHERE CAST(n.path AS TEXT) LIKE '%/{name}' AND f.seq = 0"
+        );
+        let out = Command::new("sqlite3").arg(&db).arg(q).output().unwrap();
+        let blob = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(blob.len(), 64, "no blob for {name}");
+        self.s3
+            .bucket_dir()
+            .join(format!("host1/blobs/{}/{blob}", &blob[..2]))
+    }
+
+    fn verify(&self, extra: &[&str]) -> (Option<i32>, String) {
+        let mut args = vec!["verify", BUCKET, "host1"];
+        args.extend_from_slice(extra);
+        let out = vaultik(&args, &self.env());
+        (
+            out.status.code(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out)),
+        )
+    }
+
+    /// Restores; returns the exit code, stderr, and the damaged paths it named.
+    fn restore(&self) -> (Option<i32>, String, Vec<String>) {
+        let target = self.t.path().join("restore");
+        let _ = std::fs::remove_dir_all(&target);
+        let out = vaultik(
+            &[
+                "restore",
+                BUCKET,
+                "host1",
+                &self.id,
+                target.to_str().unwrap(),
+                "-q",
+            ],
+            &self.env(),
+        );
+        let err = stderr(&out);
+        let damaged = err
+            .lines()
+            .filter_map(|l| l.strip_prefix("damaged: "))
+            .map(|l| l.split(": ").next().unwrap().to_string())
+            .collect();
+        (out.status.code(), err, damaged)
+    }
+
+    /// Every file restore did not name as damaged is byte-exact.
+    fn undamaged_files_exact(&self, damaged: &[String]) {
+        let back = restored(&self.t.path().join("restore"), &self.src);
+        for e in std::fs::read_dir(&self.src).unwrap() {
+            let name = e.unwrap().file_name();
+            let path = back.join(&name);
+            if damaged.iter().any(|d| *d == path) {
+                continue;
+            }
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                std::fs::read(self.src.join(&name)).unwrap(),
+                "{name:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn clean_repository_verifies() {
+    let fx = Fixture::new();
+    let (code, out) = fx.verify(&["--read-data"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("no problems found") && out.contains("1 snapshots"),
+        "{out}"
+    );
+}
+
+#[test]
+fn missing_blob() {
+    let fx = Fixture::new();
+    std::fs::remove_file(fx.blob_of("a.bin")).unwrap();
+    let (code, out) = fx.verify(&[]);
+    assert_eq!(code, Some(3), "{out}");
+    assert!(
+        out.contains("blob is missing") && out.contains("a.bin") && out.contains(&fx.id),
+        "{out}"
+    );
+    let (code, err, damaged) = fx.restore();
+    assert_eq!(code, Some(3), "{err}");
+    assert!(damaged.iter().any(|d| d.ends_with("a.bin")), "{err}");
+    assert!(err.contains("not found"), "{err}");
+    fx.undamaged_files_exact(&damaged);
+}
+
+#[test]
+fn truncated_blob() {
+    let fx = Fixture::new();
+    let blob = fx.blob_of("b.bin");
+    let len = std::fs::metadata(&blob).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&blob)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let (code, out) = fx.verify(&[]);
+    assert_eq!(code, Some(3), "{out}");
+    assert!(
+        out.contains(&format!("bytes, expected {len}")) && out.contains("b.bin"),
+        "{out}"
+    );
+    let (code, err, damaged) = fx.restore();
+    assert_eq!(code, Some(3), "{err}");
+    assert!(damaged.iter().any(|d| d.ends_with("b.bin")), "{err}");
+    fx.undamaged_files_exact(&damaged);
+}
+
+#[test]
+fn flipped_byte_is_found_only_by_reading_data() {
+    let fx = Fixture::new();
+    let blob = fx.blob_of("a.bin");
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&blob, bytes).unwrap();
+    let (code, out) = fx.verify(&[]);
+    assert_eq!(code, Some(0), "sizes still match: {out}");
+    for args in [&["--read-data"][..], &["--read-data-subset", "100%"]] {
+        let (code, out) = fx.verify(args);
+        assert_eq!(code, Some(3), "{out}");
+        assert!(
+            out.contains("does not match its recorded hash") && out.contains("a.bin"),
+            "{out}"
+        );
+    }
+    let (code, err, damaged) = fx.restore();
+    assert_eq!(code, Some(3), "{err}");
+    assert!(damaged.iter().any(|d| d.ends_with("a.bin")), "{err}");
+    fx.undamaged_files_exact(&damaged);
+}
+
+#[test]
+fn missing_metadata() {
+    let fx = Fixture::new();
+    std::fs::remove_file(
+        fx.s3
+            .bucket_dir()
+            .join(format!("host1/index/{}.metadata", fx.id)),
+    )
+    .unwrap();
+    let (code, out) = fx.verify(&[]);
+    assert_eq!(code, Some(3), "{out}");
+    assert!(
+        out.contains("metadata object is missing") && out.contains(&fx.id),
+        "{out}"
+    );
+    let (code, err, _) = fx.restore();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.starts_with("vaultik: ") && err.contains(".metadata not found"),
+        "{err}"
+    );
+    let out = vaultik(&["snapshots", BUCKET, "host1"], &fx.env());
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains(&fx.id));
+}
+
+#[test]
+fn agent_verifies_its_blobs_without_the_key() {
+    let fx = Fixture::new();
+    let out = vaultik(&["verify", "--config", fx.cfg.to_str().unwrap()], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+    std::fs::remove_file(fx.blob_of("a.bin")).unwrap();
+    let out = vaultik(&["verify", "--config", fx.cfg.to_str().unwrap()], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains("blob is missing"), "{text}");
+    let out = vaultik(
+        &[
+            "verify",
+            "--config",
+            fx.cfg.to_str().unwrap(),
+            "--read-data",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("needs the private key"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn backup_needs_only_write_access() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fidelity_tree(&src, false);
+    let key = keygen(t.path());
+    // The write-only endpoint refuses reads, listings and deletes.
+    let env = s3_env(&s3.write_only_endpoint, &key);
+    let out = vaultik(&["snapshots", BUCKET, "host1"], &env);
+    assert_eq!(out.status.code(), Some(1), "listing should be refused");
+    let cfg = s3_config(
+        t.path(),
+        &s3.write_only_endpoint,
+        "host1",
+        &[&src],
+        &key,
+        "chunk_size: 256KiB\nblob_size_limit: 1MiB\n",
+    );
+    for round in 0..2 {
+        std::fs::write(src.join("changing.txt"), format!("round {round}")).unwrap();
+        let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
+        assert!(
+            out.status.success(),
+            "write-only backup {round}: {}",
+            stderr(&out)
+        );
+    }
+    let env = s3_env(&s3.endpoint, &key);
+    let target = t.path().join("r");
+    let out = vaultik(
+        &[
+            "restore",
+            BUCKET,
+            "host1",
+            "latest",
+            target.to_str().unwrap(),
+            "-q",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_tree(&src, &restored(&target, &src));
+}
