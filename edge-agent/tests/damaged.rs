@@ -287,6 +287,10 @@ fn backup_needs_only_write_access() {
     let env = s3_env(&s3.write_only_endpoint, &key);
     let out = vaultik(&["snapshots", BUCKET, "host1"], &env);
     assert_eq!(out.status.code(), Some(1), "listing should be refused");
+    // A refused listing is an error, never "no objects": prune stops.
+    let out = vaultik(&["prune", BUCKET, "host1", "--safety-margin", "0s"], &env);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("list"), "{}", stderr(&out));
     let cfg = s3_config(
         t.path(),
         &s3.write_only_endpoint,

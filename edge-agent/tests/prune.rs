@@ -240,6 +240,12 @@ fn prune_racing_backups_never_breaks_a_snapshot() {
     let ids = snapshot_ids(&env);
     assert_eq!(ids.len(), 1);
     restore_equals(&env, &ids[0], t.path(), &src, &describe(&src));
+    let out = vaultik(&["verify", BUCKET, "host1", "--read-data"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // Garbage was collected along the way: far fewer blobs than were ever uploaded.
     assert!(stored_blobs(&s3) <= 40, "{} blobs left", stored_blobs(&s3));
 }
