@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::pack::{BlobId, Placement};
-use crate::snapshot::{METADATA_SCHEMA, NodeKind};
+use crate::snapshot::{CHUNK_SCHEMA, NodeKind, metadata_schema};
 use crate::store::Uploaded;
 
 const INDEX_SCHEMA: &str = "
@@ -26,27 +26,6 @@ CREATE TABLE IF NOT EXISTS files (
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     ctime_ns INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS file_chunks (
-    node_id INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    offset INTEGER NOT NULL,
-    chunk_id BLOB NOT NULL,
-    PRIMARY KEY (node_id, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS chunks (
-    id BLOB PRIMARY KEY,
-    blob_id TEXT NOT NULL,
-    offset INTEGER NOT NULL,
-    clen INTEGER NOT NULL,
-    ulen INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS blobs (
-    id TEXT PRIMARY KEY,
-    size INTEGER NOT NULL,
-    plain_size INTEGER NOT NULL,
-    payload_start INTEGER NOT NULL,
-    hash BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots (id TEXT PRIMARY KEY, time_unix_ns INTEGER NOT NULL);
 -- Blobs uploaded by a run that has not completed (yet): reused by the next run if young.
@@ -131,6 +110,7 @@ fn open_checked(path: &Path) -> std::result::Result<Connection, rusqlite::Error>
         ));
     }
     conn.execute_batch(INDEX_SCHEMA)?;
+    conn.execute_batch(CHUNK_SCHEMA)?;
     Ok(conn)
 }
 
@@ -300,7 +280,7 @@ impl Index {
         self.conn
             .execute("ATTACH DATABASE ?1 AS run", [run])
             .map_err(self.e())?;
-        let schema = METADATA_SCHEMA.replace("IF NOT EXISTS ", "IF NOT EXISTS run.");
+        let schema = metadata_schema().replace("IF NOT EXISTS ", "IF NOT EXISTS run.");
         // Index names are qualified by their table's schema, not their own name.
         let schema = schema.replace("ON run.nodes", "ON nodes");
         self.conn.execute_batch(&schema).map_err(self.e())?;

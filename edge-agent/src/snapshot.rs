@@ -75,9 +75,9 @@ pub struct Manifest {
     pub summary: Summary,
 }
 
-/// Schema of the metadata database (also used for the run database while a backup is in
-/// progress). Paths are raw bytes relative to `/`.
-pub const METADATA_SCHEMA: &str = "
+/// Schema of the metadata database, part 1: nodes and their extended attributes. Paths
+/// are raw bytes relative to `/`.
+pub const NODE_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     id INTEGER PRIMARY KEY,
@@ -100,6 +100,11 @@ CREATE TABLE IF NOT EXISTS xattrs (
     value BLOB NOT NULL,
     PRIMARY KEY (node_id, name)
 ) WITHOUT ROWID;
+";
+
+/// Part 2: file contents as chunk lists, and where chunks live. The local index keeps
+/// the same tables for its newest snapshot.
+pub const CHUNK_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS file_chunks (
     node_id INTEGER NOT NULL,
     seq INTEGER NOT NULL,
@@ -122,6 +127,11 @@ CREATE TABLE IF NOT EXISTS blobs (
     hash BLOB NOT NULL
 ) WITHOUT ROWID;
 ";
+
+/// The whole metadata database (also the run database while a backup is in progress).
+pub fn metadata_schema() -> String {
+    format!("{NODE_SCHEMA}{CHUNK_SCHEMA}")
+}
 
 /// Node kinds as stored in `nodes.kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

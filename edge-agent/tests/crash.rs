@@ -53,34 +53,13 @@ fn sigkill_anywhere_then_resume_uploads_nothing_twice() {
         kill_rounds(&cfg, KILLS, None) < KILLS,
         "every run finished before its kill"
     );
-    let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
-    assert!(
-        out.status.success(),
-        "backup after the kills: {}",
-        stderr(&out)
-    );
+    backup_ok(&cfg);
 
     // Every snapshot in the bucket is complete and restores without damage.
     let env = s3_env(&s3.endpoint, &key);
-    let out = vaultik(&["snapshots", BUCKET, "host1", "--json"], &env);
-    let snaps: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(!snaps.is_empty());
-    for (n, s) in snaps.iter().enumerate() {
-        let target = t.path().join(format!("restore-{n}"));
-        let id = s["id"].as_str().unwrap();
-        let out = vaultik(
-            &[
-                "restore",
-                BUCKET,
-                "host1",
-                id,
-                target.to_str().unwrap(),
-                "-q",
-            ],
-            &env,
-        );
-        assert!(out.status.success(), "snapshot {id}: {}", stderr(&out));
-        assert_same_tree(&src, &restored(&target, &src));
+    let snaps = snapshot_list(BUCKET, "host1", &env);
+    for copy in restore_every_snapshot(&env, t.path(), "restore", &src) {
+        assert_same_tree(&src, &copy);
     }
 
     check_reuse(&s3, &t, &key, snaps.last().unwrap()["id"].as_str().unwrap());
@@ -96,16 +75,24 @@ fn sigkill_anywhere_then_resume_uploads_nothing_twice() {
     }
     let wal = t.path().join("state/index.sqlite-wal");
     kill_rounds(&cfg, 6, Some(&wal));
-    let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
-    assert!(
-        out.status.success(),
-        "backup after power losses: {}",
-        stderr(&out)
-    );
-    let out = vaultik(&["snapshots", BUCKET, "host1", "--json"], &env);
-    let snaps: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    backup_ok(&cfg);
+    let copies = restore_every_snapshot(&env, t.path(), "after-power-loss", &src);
+    assert_same_tree(&src, copies.last().unwrap());
+}
+
+/// Restores every snapshot in the bucket; each must restore without damage. Returns
+/// where each one's copy of `src` is, oldest first.
+fn restore_every_snapshot(
+    env: &[(&str, &str)],
+    dir: &std::path::Path,
+    label: &str,
+    src: &std::path::Path,
+) -> Vec<std::path::PathBuf> {
+    let snaps = snapshot_list(BUCKET, "host1", env);
+    assert!(!snaps.is_empty());
+    let mut copies = Vec::new();
     for (n, s) in snaps.iter().enumerate() {
-        let target = t.path().join(format!("after-power-loss-{n}"));
+        let target = dir.join(format!("{label}-{n}"));
         let id = s["id"].as_str().unwrap();
         let out = vaultik(
             &[
@@ -116,13 +103,12 @@ fn sigkill_anywhere_then_resume_uploads_nothing_twice() {
                 target.to_str().unwrap(),
                 "-q",
             ],
-            &env,
+            env,
         );
         assert!(out.status.success(), "snapshot {id}: {}", stderr(&out));
-        if n == snaps.len() - 1 {
-            assert_same_tree(&src, &restored(&target, &src));
-        }
+        copies.push(restored(&target, src));
     }
+    copies
 }
 
 /// Starts and SIGKILLs `rounds` backups at spread-out moments; with `wal`, cuts the
@@ -159,26 +145,11 @@ fn check_reuse(s3: &S3Server, t: &tempfile::TempDir, key: &Key, last: &str) {
     // (plus one finished in the instant before its record was committed).
     let meta = s3.bucket_dir().join(format!("host1/index/{last}.metadata"));
     let db = t.path().join("last.sqlite");
-    let sh = format!(
-        "age -d -i {} {} | zstd -q -d -o {}",
-        key.file.display(),
-        meta.display(),
-        db.display()
-    );
-    assert!(
-        Command::new("sh")
-            .arg("-c")
-            .arg(&sh)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let q = Command::new("sqlite3")
-        .arg(&db)
-        .arg("SELECT sum(size) FROM blobs")
-        .output()
+    decrypt_metadata(key, &meta, &db);
+    let referenced: u64 = sqlite(&db, "SELECT sum(size) FROM blobs")
+        .trim()
+        .parse()
         .unwrap();
-    let referenced: u64 = String::from_utf8_lossy(&q.stdout).trim().parse().unwrap();
     let (stored, count) = blob_bytes(&s3.bucket_dir().join("host1/blobs"));
     let slack = KILLS * (BLOB_LIMIT + (256 << 10));
     assert!(

@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use common::*;
 
@@ -38,11 +37,9 @@ impl Fixture {
             &key,
             "chunk_size: 64KiB\nblob_size_limit: 256KiB\n",
         );
-        let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
-        assert!(out.status.success(), "{}", stderr(&out));
+        backup_ok(&cfg);
         let env = s3_env(&s3.endpoint, &key);
-        let out = vaultik(&["snapshots", BUCKET, "host1", "--json"], &env);
-        let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let v = snapshot_list(BUCKET, "host1", &env);
         let id = v[0]["id"].as_str().unwrap().to_string();
         Fixture {
             s3,
@@ -66,25 +63,11 @@ impl Fixture {
             .join(format!("host1/index/{}.metadata", self.id));
         let db = self.t.path().join("probe.sqlite");
         let _ = std::fs::remove_file(&db);
-        let sh = format!(
-            "age -d -i {} {} | zstd -q -d -o {}",
-            self.key.file.display(),
-            meta.display(),
-            db.display()
-        );
-        assert!(
-            Command::new("sh")
-                .arg("-c")
-                .arg(&sh)
-                .status()
-                .unwrap()
-                .success()
-        );
+        decrypt_metadata(&self.key, &meta, &db);
         let q = format!(
             "SELECT c.blob_id FROM nodes n JOIN file_chunks f ON f.node_id = n.id JOIN chunks c ON c.id = f.chunk_id WHERE CAST(n.path AS TEXT) LIKE '%/{name}' AND f.seq = 0"
         );
-        let out = Command::new("sqlite3").arg(&db).arg(q).output().unwrap();
-        let blob = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let blob = sqlite(&db, &q).trim().to_string();
         assert_eq!(blob.len(), 64, "no blob for {name}");
         self.s3
             .bucket_dir()
@@ -301,12 +284,7 @@ fn backup_needs_only_write_access() {
     );
     for round in 0..2 {
         std::fs::write(src.join("changing.txt"), format!("round {round}")).unwrap();
-        let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
-        assert!(
-            out.status.success(),
-            "write-only backup {round}: {}",
-            stderr(&out)
-        );
+        backup_ok(&cfg);
     }
     let env = s3_env(&s3.endpoint, &key);
     let target = t.path().join("r");

@@ -13,9 +13,7 @@ fn backup(cfg: &std::path::Path, extra: &[&str]) -> std::process::Output {
 
 fn last_summary(dir: &std::path::Path, key: &Key) -> serde_json::Value {
     let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
-    let out = vaultik(&["snapshots", &local_repo(dir), "", "--json"], &env);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let list = snapshot_list(&local_repo(dir), "", &env);
     list.last().unwrap()["summary"].clone()
 }
 

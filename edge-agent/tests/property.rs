@@ -138,8 +138,7 @@ fn backup_restore_case(specs: Vec<Spec>, edit_seed: u64) {
         "chunk_size: 64KiB\nblob_size_limit: 256KiB\n",
     );
     let backup = || {
-        let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
-        assert!(out.status.success(), "backup: {}", stderr(&out));
+        backup_ok(&cfg);
     };
     backup();
     let first = describe(&src);
@@ -148,8 +147,7 @@ fn backup_restore_case(specs: Vec<Spec>, edit_seed: u64) {
 
     let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
     let repo = local_repo(t.path());
-    let list = vaultik(&["snapshots", &repo, "", "--json"], &env);
-    let snaps: Vec<serde_json::Value> = serde_json::from_slice(&list.stdout).unwrap();
+    let snaps = snapshot_list(&repo, "", &env);
     assert_eq!(snaps.len(), 2);
     for (i, snap) in snaps.iter().enumerate() {
         let target = t.path().join(format!("r{i}"));

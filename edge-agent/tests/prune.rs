@@ -22,9 +22,7 @@ fn stored_blobs(s3: &S3Server) -> usize {
 }
 
 fn snapshot_ids(env: &[(&str, &str)]) -> Vec<String> {
-    let out = vaultik(&["snapshots", BUCKET, "host1", "--json"], env);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let v = snapshot_list(BUCKET, "host1", env);
     v.iter()
         .map(|s| s["id"].as_str().unwrap().to_string())
         .collect()
@@ -92,8 +90,7 @@ fn dry_run_then_prune_keeps_every_kept_snapshot_whole() {
             pseudo_random(1_200_000, 50 + generation),
         )
         .unwrap();
-        let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
-        assert!(out.status.success(), "{}", stderr(&out));
+        backup_ok(&cfg);
         trees.push(describe(&src));
     }
     let env = s3_env(&s3.endpoint, &key);
@@ -135,11 +132,7 @@ fn dry_run_then_prune_keeps_every_kept_snapshot_whole() {
     }
     // A later backup after the prune is whole too.
     std::fs::write(src.join("after.bin"), pseudo_random(200_000, 99)).unwrap();
-    assert!(
-        vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[])
-            .status
-            .success()
-    );
+    backup_ok(&cfg);
     let last = snapshot_ids(&env).pop().unwrap();
     restore_equals(&env, &last, t.path(), &src, &describe(&src));
 }
@@ -176,8 +169,7 @@ fn prune_racing_backups_never_breaks_a_snapshot() {
             while Instant::now() < deadline && runs < 40 {
                 let churn = pseudo_random(6 << 20, 1000 + runs);
                 std::fs::write(src.join("churn.bin"), &churn).unwrap();
-                let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
-                assert!(out.status.success(), "backup {runs}: {}", stderr(&out));
+                backup_ok(&cfg);
                 // The snapshot just made is the newest, so prune keeps it: it must be
                 // whole even though prunes ran while it was written.
                 let got = t.path().join(format!("churn-{runs}"));
@@ -230,11 +222,7 @@ fn prune_racing_backups_never_breaks_a_snapshot() {
     });
     assert!(prunes >= 3, "only {prunes} prunes ran");
     // One last backup and prune, then every kept snapshot must restore exactly.
-    assert!(
-        vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[])
-            .status
-            .success()
-    );
+    backup_ok(&cfg);
     std::thread::sleep(Duration::from_secs(4));
     prune(&env, &["--keep-last", "1", "--safety-margin", "3s"]);
     let ids = snapshot_ids(&env);

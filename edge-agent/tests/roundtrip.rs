@@ -10,12 +10,6 @@ use std::sync::atomic::Ordering;
 
 use common::*;
 
-fn snapshots_json(bucket: &str, env: &[(&str, &str)]) -> Vec<serde_json::Value> {
-    let out = vaultik(&["snapshots", bucket, "host1", "--json"], env);
-    assert!(out.status.success(), "snapshots: {}", stderr(&out));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn s3_roundtrip_keeps_every_metadata_case() {
     let s3 = S3Server::start();
@@ -32,10 +26,9 @@ fn s3_roundtrip_keeps_every_metadata_case() {
         "chunk_size: 1MiB\n",
     );
 
-    let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
-    assert!(out.status.success(), "backup: {}", stderr(&out));
+    backup_ok(&cfg);
     let env = s3_env(&s3.endpoint, &key);
-    let snaps = snapshots_json(BUCKET, &env);
+    let snaps = snapshot_list(BUCKET, "host1", &env);
     assert_eq!(snaps.len(), 1);
     let id = snaps[0]["id"].as_str().unwrap().to_string();
     // Identical content is stored once: 3 MiB random twice, plus 3 GiB of mostly zeros.
@@ -66,7 +59,7 @@ fn s3_roundtrip_keeps_every_metadata_case() {
         "--cron printed: {}",
         stderr(&out)
     );
-    let snaps = snapshots_json(BUCKET, &env);
+    let snaps = snapshot_list(BUCKET, "host1", &env);
     assert_eq!(snaps.len(), 2);
     let second = &snaps[1]["summary"];
     assert_eq!(second["new_chunks"].as_u64(), Some(0));
@@ -89,8 +82,7 @@ fn rclone_roundtrip() {
         &key,
         "chunk_size: 256KiB\nblob_size_limit: 2MiB\n",
     );
-    let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
-    assert!(out.status.success(), "backup to rclone: {}", stderr(&out));
+    backup_ok(&cfg);
     let env = s3_env(&s3.endpoint, &key);
     let target = t.path().join("restore");
     let out = vaultik(
@@ -128,8 +120,7 @@ fn fetch_downloads_only_what_it_needs() {
     std::fs::write(src.join("zz-after.bin"), pseudo_random(2 << 20, 6)).unwrap();
     let key = keygen(t.path());
     let cfg = s3_config(t.path(), &s3.endpoint, "host1", &[&src], &key, "");
-    let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
-    assert!(out.status.success(), "backup: {}", stderr(&out));
+    backup_ok(&cfg);
     let blobs = common::walk(&s3.bucket_dir().join("host1/blobs"));
     assert_eq!(
         blobs.iter().filter(|(_, m)| m.is_file()).count(),
@@ -210,31 +201,18 @@ fn metadata_opens_with_stock_age_zstd_and_sqlite3() {
     let key = keygen(t.path());
     let repo = t.path().join("repo");
     let cfg = local_config(t.path(), &[&src], &key, "");
-    let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
-    assert!(out.status.success(), "backup: {}", stderr(&out));
+    backup_ok(&cfg);
     let meta = std::fs::read_dir(repo.join("index"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|e| e == "metadata"))
         .unwrap();
     let db = t.path().join("m.sqlite");
-    let sh = format!(
-        "age -d -i {} {} | zstd -q -d -o {}",
-        key.file.display(),
-        meta.display(),
-        db.display()
+    decrypt_metadata(&key, &meta, &db);
+    let text = sqlite(
+        &db,
+        "SELECT count(*) FROM nodes WHERE kind = 'file'; SELECT value FROM meta WHERE key = 'format';",
     );
-    let st = Command::new("sh").arg("-c").arg(&sh).status().expect("sh");
-    assert!(
-        st.success(),
-        "age -d | zstd -d failed (are age and zstd installed?)"
-    );
-    let q = Command::new("sqlite3")
-        .arg(&db)
-        .arg("SELECT count(*) FROM nodes WHERE kind = 'file'; SELECT value FROM meta WHERE key = 'format';")
-        .output()
-        .expect("sqlite3 is needed: run ./scripts/test.sh");
-    let text = String::from_utf8_lossy(&q.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
     assert!(lines[0].parse::<u32>().unwrap() >= 10, "{text}");
@@ -274,11 +252,7 @@ fn a_damaged_blob_names_the_files_and_the_rest_restores() {
         &key,
         "chunk_size: 256KiB\n",
     );
-    assert!(
-        vaultik(&["backup", cfg.to_str().unwrap()], &[])
-            .status
-            .success()
-    );
+    backup_ok(&cfg);
     let (blob, _) = common::walk(&s3.bucket_dir().join("host1/blobs"))
         .into_iter()
         .find(|(_, m)| m.is_file())
@@ -382,11 +356,7 @@ fn bad_input_gets_a_one_line_error_naming_the_problem() {
     std::fs::write(src.join("f"), b"x").unwrap();
     let key = keygen(t.path());
     let cfg = s3_config(t.path(), &s3.endpoint, "host1", &[&src], &key, "");
-    assert!(
-        vaultik(&["backup", cfg.to_str().unwrap()], &[])
-            .status
-            .success()
-    );
+    backup_ok(&cfg);
 
     let env = s3_env(&s3.endpoint, &key);
     let tgt = t.path().join("r");
@@ -509,11 +479,7 @@ fn hostile_path_in_metadata_is_refused() {
     let key = keygen(t.path());
     let repo = t.path().join("repo");
     let cfg = local_config(t.path(), &[&src], &key, "");
-    assert!(
-        vaultik(&["backup", cfg.to_str().unwrap()], &[])
-            .status
-            .success()
-    );
+    backup_ok(&cfg);
     let pristine = t.path().join("pristine");
     copy_dir(&repo.join("index"), &pristine);
     for evil in [
@@ -622,8 +588,7 @@ fn regression_latest_is_newest_within_one_second() {
     let cfg = local_config(t.path(), &[&src], &key, "");
     for content in [&b"first"[..], b"second, longer"] {
         std::fs::write(src.join("f.txt"), content).unwrap();
-        let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
-        assert!(out.status.success(), "{}", stderr(&out));
+        backup_ok(&cfg);
     }
     let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
     let repo = local_repo(t.path());
@@ -662,8 +627,7 @@ fn stock_age_keygen_keys_and_config_credentials() {
     assert!(st.success());
     let key = Key::from_file(file);
     let cfg = s3_config(t.path(), &s3.endpoint, "h", &[&src], &key, "");
-    let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    backup_ok(&cfg);
     let got = t.path().join("got");
     let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
     let out = vaultik(

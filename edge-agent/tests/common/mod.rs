@@ -266,6 +266,45 @@ pub fn vaultik(args: &[&str], env: &[(&str, &str)]) -> Output {
     c.output().unwrap()
 }
 
+/// `vaultik backup CONFIG --cron`, which must succeed.
+pub fn backup_ok(cfg: &Path) {
+    let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+}
+
+/// `vaultik snapshots --json`, which must succeed.
+pub fn snapshot_list(bucket: &str, prefix: &str, env: &[(&str, &str)]) -> Vec<serde_json::Value> {
+    let out = vaultik(&["snapshots", bucket, prefix, "--json"], env);
+    assert!(out.status.success(), "snapshots: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Decrypts a metadata object with the stock `age` and `zstd` tools into `db`.
+pub fn decrypt_metadata(key: &Key, meta: &Path, db: &Path) {
+    let _ = std::fs::remove_file(db);
+    let sh = format!(
+        "age -d -i {} {} | zstd -q -d -o {}",
+        key.file.display(),
+        meta.display(),
+        db.display()
+    );
+    let st = Command::new("sh").arg("-c").arg(&sh).status().unwrap();
+    assert!(
+        st.success(),
+        "{sh} failed (age and zstd come from ./scripts/test.sh)"
+    );
+}
+
+/// Runs `sql` with the stock `sqlite3` and returns its output.
+pub fn sqlite(db: &Path, sql: &str) -> String {
+    let out = Command::new("sqlite3")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("sqlite3 comes from ./scripts/test.sh");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
