@@ -139,3 +139,36 @@ fn damaged_or_missing_index_still_backs_up() {
     assert!(backup(&cfg, &[]).status.success());
     restore_latest_matches(t.path(), &key, &src, "r2");
 }
+
+#[test]
+fn daemon_backs_up_every_interval() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"daemon").unwrap();
+    let key = keygen(t.path());
+    let cfg = local_config(t.path(), &[&src], &key, "backup_interval: 1s\n");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vaultik"))
+        .args(["backup", cfg.to_str().unwrap(), "--daemon"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let mut count = 0;
+    while std::time::Instant::now() < deadline && count < 3 {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let out = vaultik(&["snapshots", &local_repo(t.path()), "", "--json"], &env);
+        if out.status.success() {
+            count = serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+                .unwrap()
+                .len();
+        }
+    }
+    let _ = child.kill();
+    child.wait().unwrap();
+    assert!(
+        count >= 3,
+        "the daemon made {count} snapshots in 20 s with a 1 s interval"
+    );
+}
