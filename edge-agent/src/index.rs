@@ -384,7 +384,8 @@ impl Index {
             .map_err(self.e())
     }
 
-    /// Reuses an unchanged file's chunk list (and the placements of its chunks).
+    /// Reuses an unchanged file's chunk list. Where its chunks live is copied for all
+    /// reused files at once by `finish_run`.
     pub fn reuse_chunks(&self, old_node: i64, new_node: i64) -> Result<()> {
         self.conn
             .prepare_cached(
@@ -392,14 +393,6 @@ impl Index {
                  SELECT ?2, seq, offset, chunk_id FROM main.file_chunks WHERE node_id = ?1",
             )
             .and_then(|mut s| s.execute(params![old_node, new_node]))
-            .map_err(self.e())?;
-        self.conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO run.chunks
-                 SELECT c.* FROM main.file_chunks f JOIN main.chunks c ON c.id = f.chunk_id
-                 WHERE f.node_id = ?1",
-            )
-            .and_then(|mut s| s.execute([old_node]))
             .map(|_| ())
             .map_err(self.e())
     }
@@ -498,7 +491,9 @@ impl Index {
         let e = sql_err(&self.path);
         self.conn
             .execute_batch(
-                "DELETE FROM run.chunks WHERE id NOT IN (SELECT chunk_id FROM run.file_chunks);
+                "INSERT OR IGNORE INTO run.chunks
+                     SELECT * FROM main.chunks WHERE id IN (SELECT chunk_id FROM run.file_chunks);
+                 DELETE FROM run.chunks WHERE id NOT IN (SELECT chunk_id FROM run.file_chunks);
                  INSERT OR IGNORE INTO run.blobs
                      SELECT * FROM main.blobs WHERE id IN (SELECT blob_id FROM run.chunks);
                  INSERT OR IGNORE INTO run.blobs
