@@ -229,27 +229,28 @@ impl Read for RemoteReader {
         }
         let in_buf =
             self.pos >= self.buf_start && self.pos < self.buf_start + self.buf.len() as u64;
-        if !in_buf && !self.repo.ranges_work() {
-            self.stream_to_pos()?;
-            if self.buf.is_empty() {
-                return Ok(0);
-            }
-        } else if !in_buf {
-            let hint = self.fetch_until.load(Ordering::Relaxed);
-            let end = hint
-                .max(self.pos + out.len() as u64)
-                .max(self.pos + 4096)
-                .min(self.len);
-            self.buf = match self.repo.get_range(&self.key, self.pos..end, self.len) {
-                Ok(b) => b,
-                Err(_) if !self.repo.ranges_work() => {
-                    self.stream_to_pos()?;
-                    self.buf.clone()
+        if !in_buf {
+            if self.repo.ranges_work() {
+                let hint = self.fetch_until.load(Ordering::Relaxed);
+                let end = hint
+                    .max(self.pos + out.len() as u64)
+                    .max(self.pos + 4096)
+                    .min(self.len);
+                match self.repo.get_range(&self.key, self.pos..end, self.len) {
+                    Ok(b) => {
+                        self.buf = b;
+                        self.buf_start = self.pos;
+                    }
+                    // The server just turned out to ignore ranges.
+                    Err(_) if !self.repo.ranges_work() => self.stream_to_pos()?,
+                    Err(e) => return Err(io::Error::other(e)),
                 }
-                Err(e) => return Err(io::Error::other(e)),
-            };
-            self.buf_start = self.pos;
-            if self.buf.is_empty() {
+            } else {
+                self.stream_to_pos()?;
+            }
+            let covered =
+                self.pos >= self.buf_start && self.pos < self.buf_start + self.buf.len() as u64;
+            if !covered {
                 return Ok(0);
             }
         }

@@ -178,6 +178,10 @@ pub fn open_frame(
         chunk: hex::encode(&expect.0[..8]),
         what,
     };
+    // Lengths come from untrusted metadata: never allocate more than a chunk can be.
+    if ulen as usize > fastcdc::v2020::MAXIMUM_MAX {
+        return Err(bad(format!("claims {ulen} bytes, more than any chunk")));
+    }
     let data = zstd::bulk::decompress(frame, ulen as usize)
         .map_err(|e| bad(format!("does not decompress: {e}")))?;
     if data.len() != ulen as usize {

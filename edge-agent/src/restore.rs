@@ -25,6 +25,9 @@ use crate::progress::Progress;
 use crate::snapshot::{METADATA_FORMAT, Manifest, NodeKind, SnapshotId, meta_value};
 use crate::store::{Repo, StoreError};
 
+/// The largest zstd frame a chunk can compress to (zstd's bound for the largest chunk).
+const MAX_FRAME: u32 =
+    (fastcdc::v2020::MAXIMUM_MAX + (fastcdc::v2020::MAXIMUM_MAX >> 7) + 4096) as u32;
 /// Reads at most this many plaintext bytes of a blob in one request.
 const MAX_SPAN: u64 = 4 << 20;
 /// Gaps between wanted chunks smaller than this are downloaded rather than skipped.
@@ -616,10 +619,25 @@ impl<'a> BlobWorker<'a> {
                 return Ok(bad);
             }
         };
+        // Entries come from untrusted metadata: frames must lie inside the blob and be no
+        // larger than a compressed chunk can be.
+        let (wants, outside): (Vec<Want>, Vec<Want>) = wants.into_iter().partition(|w| {
+            w.clen <= MAX_FRAME && w.offset.saturating_add(u64::from(w.clen)) <= size as u64
+        });
+        for w in &outside {
+            self.mark_damaged(
+                &w.id,
+                &format!("blob {blob}: chunk entry lies outside the blob"),
+                &mut bad,
+            )?;
+        }
         for span in spans(&wants) {
             let start = wants[span.start].offset;
-            let last = &wants[span.end - 1];
-            let end = last.offset + u64::from(last.clen);
+            let end = wants[span.clone()]
+                .iter()
+                .map(|w| w.offset + u64::from(w.clen))
+                .max()
+                .unwrap_or(start);
             let mut buf = vec![0u8; (end - start) as usize];
             if reader.read_at(start, &mut buf).is_ok() {
                 for w in &wants[span] {

@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// Safety margin of the racing test: longer than any backup there takes, even on a busy
+/// machine, as the docs require of a real margin.
+const MARGIN: &str = "8s";
+
 fn stored_blobs(s3: &S3Server) -> usize {
     let dir = s3.bucket_dir().join("host1/blobs");
     if !dir.exists() {
@@ -201,7 +205,6 @@ fn prune_racing_backups_never_breaks_a_snapshot() {
             runs
         });
         while !stop.load(std::sync::atomic::Ordering::Relaxed) && prunes < 40 {
-            // A margin longer than one backup takes here, as the docs require.
             let out = vaultik(
                 &[
                     "prune",
@@ -210,7 +213,7 @@ fn prune_racing_backups_never_breaks_a_snapshot() {
                     "--keep-last",
                     "1",
                     "--safety-margin",
-                    "3s",
+                    MARGIN,
                 ],
                 &env,
             );
@@ -223,8 +226,8 @@ fn prune_racing_backups_never_breaks_a_snapshot() {
     assert!(prunes >= 3, "only {prunes} prunes ran");
     // One last backup and prune, then every kept snapshot must restore exactly.
     backup_ok(&cfg);
-    std::thread::sleep(Duration::from_secs(4));
-    prune(&env, &["--keep-last", "1", "--safety-margin", "3s"]);
+    std::thread::sleep(Duration::from_secs(9));
+    prune(&env, &["--keep-last", "1", "--safety-margin", MARGIN]);
     let ids = snapshot_ids(&env);
     assert_eq!(ids.len(), 1);
     restore_equals(&env, &ids[0], t.path(), &src, &describe(&src));

@@ -646,3 +646,47 @@ fn stock_age_keygen_keys_and_config_credentials() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read(&got).unwrap(), b"made with age-keygen");
 }
+
+/// Chunk lengths and offsets in metadata are untrusted: absurd values are damage, not a
+/// panic or a giant allocation.
+#[test]
+fn regression_hostile_chunk_lengths_are_reported_as_damage() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("victim.bin"), pseudo_random(200_000, 4)).unwrap();
+    let key = keygen(t.path());
+    let cfg = local_config(t.path(), &[&src], &key, "");
+    backup_ok(&cfg);
+    let repo = t.path().join("repo");
+    let pristine = t.path().join("pristine");
+    copy_dir(&repo.join("index"), &pristine);
+    for sql in [
+        "UPDATE chunks SET clen = 4000000000",
+        "UPDATE chunks SET ulen = 4000000000",
+        "UPDATE chunks SET offset = 9000000000000",
+    ] {
+        copy_dir(&pristine, &repo.join("index"));
+        tamper_metadata(&repo, &key, sql);
+        let target = t.path().join("r");
+        let _ = std::fs::remove_dir_all(&target);
+        let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+        let out = vaultik(
+            &[
+                "restore",
+                &local_repo(t.path()),
+                "",
+                "latest",
+                target.to_str().unwrap(),
+                "-q",
+            ],
+            &env,
+        );
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(3), "{sql}: {err}");
+        assert!(
+            err.contains("damaged: ") && err.contains("victim.bin"),
+            "{sql}: {err}"
+        );
+    }
+}
