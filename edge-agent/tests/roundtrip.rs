@@ -322,6 +322,27 @@ fn backup_writes_no_temp_file_and_no_plaintext() {
             "unexpected file in the state dir: {n}"
         );
     }
+    // Object names reveal nothing: only random ids in the documented layout.
+    for (p, m) in common::walk(&repo) {
+        if !m.is_file() {
+            continue;
+        }
+        let rel = p
+            .strip_prefix(&repo)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        let ok = match rel.split('/').collect::<Vec<_>>()[..] {
+            ["blobs", shard, id] => hex(shard, 2) && hex(id, 64) && id.starts_with(shard),
+            ["index", name] => name
+                .strip_suffix(".snapshot")
+                .or_else(|| name.strip_suffix(".metadata"))
+                .is_some_and(|id| hex(id, 32)),
+            _ => false,
+        };
+        assert!(ok, "object name {rel:?} is outside the opaque layout");
+    }
     for dir in [&state, &repo] {
         for (p, m) in common::walk(dir) {
             if m.is_file() {
