@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 use crate::config::ConfigError;
 use crate::crypt::KeyError;
-use crate::pack::FormatError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -17,8 +16,6 @@ pub enum Error {
     Key(#[from] KeyError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error(transparent)]
-    Format(#[from] FormatError),
     #[error("local index {path}: {source}")]
     Index {
         path: PathBuf,

@@ -578,8 +578,4 @@ impl Index {
             .map_err(self.e())?;
         rows.collect::<rusqlite::Result<_>>().map_err(self.e())
     }
-
-    pub fn run_path(&self) -> &Path {
-        &self.run_path
-    }
 }

@@ -101,10 +101,6 @@ impl BlobLayout {
         self.entries.is_empty()
     }
 
-    pub fn entries(&self) -> &[Placement] {
-        &self.entries
-    }
-
     pub fn trailer(&self) -> Vec<u8> {
         let mut t = Vec::with_capacity(self.entries.len() * ENTRY_LEN + 12);
         for e in &self.entries {

@@ -28,12 +28,6 @@ impl Progress {
         Progress { bar }
     }
 
-    pub fn hidden() -> Self {
-        Progress {
-            bar: ProgressBar::hidden(),
-        }
-    }
-
     pub fn add_bytes(&self, n: u64) {
         self.bar.inc(n);
     }

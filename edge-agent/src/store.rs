@@ -173,10 +173,6 @@ impl Repo {
         })
     }
 
-    pub fn runtime(&self) -> &Handle {
-        &self.rt
-    }
-
     fn key(&self, rest: &str) -> Key {
         Key::from(join_prefix(&self.prefix, rest))
     }
@@ -399,10 +395,6 @@ impl Upload {
                 key: self.key.to_string(),
             }),
         }
-    }
-
-    pub fn bytes_written(&self) -> u64 {
-        self.size
     }
 }
 
