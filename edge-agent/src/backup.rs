@@ -193,6 +193,7 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         id: id.to_string(),
+        agent: Some(index.agent_id()?.to_string()),
         hostname,
         time: humantime::format_rfc3339_millis(now).to_string(),
         time_unix_ns,
@@ -210,7 +211,7 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         .finish()
         .map_err(|e| Error::io("encrypting", "snapshot manifest", e))?;
     index.mark_manifest_pending(&id.to_string(), time_unix_ns)?;
-    repo.put(&repo.manifest_key(&id), sealed)?;
+    repo.put_new(&repo.manifest_key(&id), sealed)?;
     index.commit_snapshot(&id.to_string(), time_unix_ns)?;
     if rehash || last_full.is_none() {
         index.set_last_full_scan_ns(started_ns)?;

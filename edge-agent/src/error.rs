@@ -16,6 +16,8 @@ pub enum Error {
     Key(#[from] KeyError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Prune(#[from] crate::prune::PruneError),
     #[error("local index {path}: {source}")]
     Index {
         path: PathBuf,
@@ -33,8 +35,6 @@ pub enum Error {
     SnapshotNotFound(String),
     #[error("snapshot id {0} is ambiguous: it matches {1} snapshots")]
     SnapshotAmbiguous(String, usize),
-    #[error("hostile path in snapshot metadata: {0:?} (absolute, `..`, empty or NUL component)")]
-    HostilePath(String),
     #[error("{0} is not in the snapshot")]
     PathNotInSnapshot(String),
     #[error("backup pipeline stopped: {0}")]

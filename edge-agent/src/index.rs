@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::pack::{BlobId, Placement};
-use crate::snapshot::{CHUNK_SCHEMA, NodeKind, metadata_schema};
+use crate::snapshot::{AgentId, CHUNK_SCHEMA, NodeKind, metadata_schema};
 use crate::store::Uploaded;
 
 const INDEX_SCHEMA: &str = "
@@ -188,6 +188,20 @@ impl Index {
         Ok(key)
     }
 
+    /// The identity of this index, recorded in every manifest it makes; made on first use.
+    pub fn agent_id(&self) -> Result<AgentId> {
+        if let Some(id) = self
+            .setting("agent_id")?
+            .as_deref()
+            .and_then(AgentId::parse)
+        {
+            return Ok(id);
+        }
+        let id = AgentId::random();
+        self.set_setting("agent_id", &id.to_string())?;
+        Ok(id)
+    }
+
     pub fn take_notices(&mut self) -> Vec<String> {
         std::mem::take(&mut self.notices)
     }
@@ -229,29 +243,23 @@ impl Index {
         self.set_setting("pending_manifest", &format!("{id} {time_ns}"))
     }
 
-    /// Starts a run: a fresh run database is attached as `run`. Recovers first from a run
-    /// interrupted between its manifest upload and the index update.
+    /// Starts a run: a fresh run database is attached as `run`. First deals with a run
+    /// whose manifest upload failed or was cut off: whether that snapshot exists is
+    /// unknown, so neither it nor the indexed snapshot is a safe dedup base (prune may
+    /// treat either as superseded). Its blobs stay reusable as young partial blobs.
     pub fn begin_run(&mut self) -> Result<()> {
         let now = now_ns();
         if let Some(pending) = self.setting("pending_manifest")? {
-            let (id, t) = pending.split_once(' ').unwrap_or((pending.as_str(), "0"));
-            let (id, t) = (id.to_string(), t.parse::<i64>().unwrap_or(0));
-            if self.run_path.exists() && now - t < SALVAGE_WINDOW_NS {
-                // Uploaded or not, the finished run's blobs are young: adopt it.
-                self.commit_snapshot(&id, t)?;
-            } else {
-                // Its manifest may exist and make the indexed snapshot prunable: dedup
-                // against it is no longer safe.
-                self.conn
-                    .execute_batch(
-                        "BEGIN; DELETE FROM files; DELETE FROM file_chunks; DELETE FROM chunks;
-                         DELETE FROM blobs; DELETE FROM settings WHERE key = 'pending_manifest'; COMMIT;",
-                    )
-                    .map_err(self.e())?;
-                self.notices.push(format!(
-                    "warning: the previous backup stopped while committing snapshot {id}; this backup uploads everything again"
-                ));
-            }
+            let id = pending.split(' ').next().unwrap_or_default().to_string();
+            self.conn
+                .execute_batch(
+                    "BEGIN; DELETE FROM files; DELETE FROM file_chunks; DELETE FROM chunks;
+                     DELETE FROM blobs; DELETE FROM settings WHERE key = 'pending_manifest'; COMMIT;",
+                )
+                .map_err(self.e())?;
+            self.notices.push(format!(
+                "warning: the previous backup stopped while committing snapshot {id}; this backup reads and uploads everything again, except blobs uploaded in the last 6 hours"
+            ));
         }
         self.salvage_cutoff_ns = now - SALVAGE_WINDOW_NS;
         self.conn

@@ -87,6 +87,10 @@ enum Cmd {
         /// Print the plan and delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Go on even if a snapshot is dated more than 15 minutes ahead of this
+        /// machine's clock (by default that stops prune: a wrong clock or a forgery).
+        #[arg(long)]
+        allow_future_snapshots: bool,
     },
     /// Check that snapshots are complete. With <bucket> <prefix> (and the private key):
     /// every snapshot, optionally reading blob data. With only --config (on the agent, no
@@ -146,7 +150,7 @@ struct PolicyArgs {
     /// Keep every snapshot within this long of the newest (e.g. 30d).
     #[arg(long, value_name = "DURATION", value_parser = edge_agent::prune::parse_duration)]
     keep_within: Option<Duration>,
-    /// Apply the rules per host, or per host and set of paths.
+    /// Apply the rules per host, per host and set of paths, or per agent index.
     #[arg(long, value_enum, default_value = "host")]
     group_by: GroupArg,
 }
@@ -155,6 +159,7 @@ struct PolicyArgs {
 enum GroupArg {
     Host,
     HostPaths,
+    Agent,
 }
 
 impl PolicyArgs {
@@ -170,6 +175,7 @@ impl PolicyArgs {
             group_by: match self.group_by {
                 GroupArg::Host => edge_agent::prune::GroupBy::Host,
                 GroupArg::HostPaths => edge_agent::prune::GroupBy::HostPaths,
+                GroupArg::Agent => edge_agent::prune::GroupBy::Agent,
             },
         }
     }
@@ -248,7 +254,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Snapshots { repo, json } => {
             let rt = runtime()?;
             let (repo, ids) = open_restore_side(&repo, &rt)?;
-            let list = restore::list_snapshots(&repo, &ids)?;
+            let catalog = restore::list_snapshots(&repo, &ids)?;
+            for w in catalog.warnings() {
+                eprintln!("{w}");
+            }
+            let list = catalog.snapshots;
             let mut out = std::io::stdout().lock();
             if json {
                 serde_json::to_writer_pretty(&mut out, &list)?;
@@ -315,17 +325,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             policy,
             safety_margin,
             dry_run,
+            allow_future_snapshots,
         } => {
             let rt = runtime()?;
             let (repo, ids) = open_restore_side(&repo, &rt)?;
-            edge_agent::prune::run(
-                &repo,
-                &ids,
-                &policy.policy(),
-                safety_margin,
+            let opts = edge_agent::prune::Options {
+                policy: policy.policy(),
+                margin: safety_margin,
                 dry_run,
-                &mut std::io::stdout().lock(),
-            )?;
+                allow_future: allow_future_snapshots,
+            };
+            edge_agent::prune::run(&repo, &ids, &opts, &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Restore {
@@ -334,6 +344,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             target_dir,
             opts,
         } => {
+            if target_dir.exists() && !target_dir.is_dir() {
+                bail!(
+                    "{} exists and is not a directory: refusing to overwrite it",
+                    target_dir.display()
+                );
+            }
             let sel = Selection::all(&target_dir);
             restore_cmd(&repo, &snapshot_id, &sel, &opts)
         }
@@ -344,6 +360,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             target,
             opts,
         } => {
+            if target.exists() && !target.is_dir() {
+                bail!(
+                    "{} exists and is not a directory: refusing to overwrite it",
+                    target.display()
+                );
+            }
             let sel = Selection::one(&filepath, &target);
             restore_cmd(&repo, &snapshot_id, &sel, &opts)
         }
@@ -443,12 +465,6 @@ fn restore_cmd(
     let (repo, ids) = open_restore_side(args, &rt)?;
     let manifest = restore::resolve(&repo, &ids, snapshot)?;
     let meta = restore::open_metadata(&repo, &ids, manifest)?;
-    if sel.dest.exists() && !sel.dest.is_dir() {
-        bail!(
-            "{} exists and is not a directory: refusing to overwrite it",
-            sel.dest.display()
-        );
-    }
     let progress = Progress::new(!opts.quiet, "restore");
     let report = restore::restore(
         &repo,
@@ -461,12 +477,20 @@ fn restore_cmd(
         },
     )?;
     restore::print_report(&report, &mut std::io::stderr())?;
+    if !report.hostile.is_empty() {
+        eprintln!(
+            "vaultik: refused {} entries that break the restore rules (listed above): the snapshot metadata is hostile or damaged; the rest were restored",
+            report.hostile.len()
+        );
+    }
     if !report.damaged.is_empty() {
         eprintln!(
             "vaultik: {} of {} files are damaged (listed above); the rest were restored",
             report.damaged.len(),
             report.files
         );
+    }
+    if !report.is_clean() {
         return Ok(ExitCode::from(EXIT_PARTIAL));
     }
     if !opts.quiet {
@@ -476,7 +500,7 @@ fn restore_cmd(
             report.dirs,
             report.links,
             human(report.bytes),
-            sel.dest.display()
+            sel.root.display()
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -1,12 +1,16 @@
 //! Retention and garbage collection. Planning is pure (values in, a printable plan
 //! out); `run` does the I/O and deletes only what a plan lists.
 //!
-//! Safety rules (docs/FORMAT.md, "Prune safety"):
-//! - the newest snapshot of every host is always kept, because agents deduplicate
-//!   against their own newest snapshot;
+//! Safety rules (docs/FORMAT.md, "Prune safety"; docs/SECURITY.md):
+//! - the newest snapshot of every agent identity is always kept, because each agent
+//!   index deduplicates against its own newest snapshot;
+//! - a manifest dated ahead of this machine's clock stops prune: it would make every
+//!   real snapshot of its group look old;
 //! - a blob is deleted only if no kept snapshot references it and it was uploaded more
-//!   than the safety margin ago, so blobs of a backup still running (or of a run that
-//!   was interrupted and is being resumed) are never deleted.
+//!   than the safety margin ago by the storage server's clock (blob times and "now"
+//!   both come from the server), so blobs of a backup still running (or of a run that
+//!   was interrupted and is being resumed) are never deleted;
+//! - a manifest that cannot be read stops prune: it cannot see what that snapshot uses.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -18,6 +22,33 @@ use crate::snapshot::{Manifest, SnapshotId};
 use crate::store::Repo;
 
 pub const DEFAULT_SAFETY_MARGIN: Duration = Duration::from_secs(48 * 3600);
+/// How far ahead of this machine's clock a manifest may be dated (clock skew).
+pub const FUTURE_TOLERANCE: Duration = Duration::from_secs(15 * 60);
+/// Durations on the command line are at most this long.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 366 * 86_400);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
+    #[error(
+        "snapshot {id} of {host} is dated {time}, ahead of this machine's clock: a wrong clock or a forged manifest; fix the clock or check the snapshot, and pass --allow-future-snapshots only if it is genuine"
+    )]
+    Future {
+        id: String,
+        host: String,
+        time: String,
+    },
+    #[error(
+        "{count} snapshot manifests could not be read, so prune cannot see what they use and deletes nothing (first: {first}); remove or restore those objects first"
+    )]
+    Unreadable { count: usize, first: String },
+    #[error("the storage server reports no usable time (last modified {0} ns): cannot age blobs")]
+    ServerClock(i64),
+}
+
+/// `d` in nanoseconds, saturated to `i64::MAX`.
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
 
 /// How snapshots are grouped before retention rules apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -26,6 +57,8 @@ pub enum GroupBy {
     Host,
     /// Host and the set of backed-up paths (a "snapshot name").
     HostPaths,
+    /// The agent index that made the snapshot.
+    Agent,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -57,6 +90,8 @@ impl Policy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotInfo {
     pub id: String,
+    /// The agent index that made it (`Manifest::identity`).
+    pub identity: String,
     pub host: String,
     pub paths: Vec<String>,
     pub time_ns: i64,
@@ -66,6 +101,7 @@ impl From<&Manifest> for SnapshotInfo {
     fn from(m: &Manifest) -> Self {
         SnapshotInfo {
             id: m.id.clone(),
+            identity: m.identity(),
             host: m.hostname.clone(),
             paths: m.source_dirs.clone(),
             time_ns: m.time_unix_ns,
@@ -132,19 +168,20 @@ fn buckets(time_ns: i64) -> [i64; 5] {
 pub fn plan_snapshots(snaps: &[SnapshotInfo], policy: &Policy) -> Vec<Verdict> {
     let mut groups: BTreeMap<(String, Vec<String>), Vec<&SnapshotInfo>> = BTreeMap::new();
     for s in snaps {
-        let paths = match policy.group_by {
-            GroupBy::Host => Vec::new(),
+        let key = match policy.group_by {
+            GroupBy::Host => (s.host.clone(), Vec::new()),
             GroupBy::HostPaths => {
                 let mut p = s.paths.clone();
                 p.sort();
-                p
+                (s.host.clone(), p)
             }
+            GroupBy::Agent => (s.identity.clone(), Vec::new()),
         };
-        groups.entry((s.host.clone(), paths)).or_default().push(s);
+        groups.entry(key).or_default().push(s);
     }
-    let mut newest_of_host: BTreeMap<&str, &SnapshotInfo> = BTreeMap::new();
+    let mut newest_of_agent: BTreeMap<&str, &SnapshotInfo> = BTreeMap::new();
     for s in snaps {
-        let e = newest_of_host.entry(&s.host).or_insert(s);
+        let e = newest_of_agent.entry(&s.identity).or_insert(s);
         if (s.time_ns, &s.id) > (e.time_ns, &e.id) {
             *e = s;
         }
@@ -167,17 +204,17 @@ pub fn plan_snapshots(snaps: &[SnapshotInfo], policy: &Policy) -> Vec<Verdict> {
             if policy.is_empty() {
                 reasons.push("no retention rule given");
             }
-            if newest_of_host
-                .get(s.host.as_str())
+            if newest_of_agent
+                .get(s.identity.as_str())
                 .is_some_and(|n| n.id == s.id)
             {
-                reasons.push("newest of its host");
+                reasons.push("newest of its agent");
             }
             if policy.keep_last.is_some_and(|n| (i as u32) < n) {
                 reasons.push("last");
             }
             if let Some(w) = policy.keep_within
-                && newest - s.time_ns <= w.as_nanos() as i64
+                && newest.saturating_sub(s.time_ns) <= nanos(w)
             {
                 reasons.push("within");
             }
@@ -226,7 +263,7 @@ pub fn plan_blobs(
     margin: Duration,
     now_ns: i64,
 ) -> BlobPlan {
-    let cutoff = now_ns - margin.as_nanos() as i64;
+    let cutoff = now_ns.saturating_sub(nanos(margin));
     let mut plan = BlobPlan::default();
     for b in stored {
         if referenced.contains(&b.id) {
@@ -243,7 +280,24 @@ pub fn plan_blobs(
 
 /// Parses a `--keep-within`/`--safety-margin` duration such as `30d` or `48h`.
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e})"))
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e})"))?;
+    if d > MAX_DURATION {
+        return Err(format!("{s:?} is longer than 100 years"));
+    }
+    Ok(d)
+}
+
+/// Stops prune at the first manifest dated more than [`FUTURE_TOLERANCE`] after `now_ns`.
+pub fn check_not_future(snaps: &[Manifest], now_ns: i64) -> std::result::Result<(), PruneError> {
+    let limit = now_ns.saturating_add(nanos(FUTURE_TOLERANCE));
+    match snaps.iter().find(|m| m.time_unix_ns > limit) {
+        Some(m) => Err(PruneError::Future {
+            id: m.id.clone(),
+            host: m.hostname.clone(),
+            time: m.time.clone(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// A whole prune plan, ready to print or carry out.
@@ -253,6 +307,8 @@ pub struct Plan {
     pub blobs: BlobPlan,
     /// Metadata objects with no manifest (interrupted backups), old enough to delete.
     pub orphan_metadata: Vec<String>,
+    /// Server time before which unreferenced objects may go.
+    pub cutoff_ns: i64,
 }
 
 impl Plan {
@@ -292,23 +348,54 @@ impl Plan {
     }
 }
 
-/// Plans a prune of `repo`, prints the plan, and unless `dry_run` carries it out:
-/// forgotten snapshots' manifests first (they vanish at once), then their metadata, then
-/// blobs, then leftover metadata of interrupted backups.
+/// How to prune.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub policy: Policy,
+    pub margin: Duration,
+    pub dry_run: bool,
+    /// Accept manifests dated ahead of this machine's clock.
+    pub allow_future: bool,
+}
+
+/// Plans a prune of `repo`, prints the plan, and unless `dry_run` carries it out.
 pub fn run(
     repo: &Repo,
     ids: &Identities,
-    policy: &Policy,
-    margin: Duration,
-    dry_run: bool,
+    opts: &Options,
     out: &mut dyn std::io::Write,
 ) -> Result<Plan> {
-    let now = crate::index::now_ns();
-    let cutoff = now - margin.as_nanos() as i64;
-    let index_objects = repo.list(&repo.index_dir())?;
-    let manifests = crate::restore::list_snapshots(repo, ids)?;
+    let plan = plan(repo, ids, opts)?;
+    plan.print(out)
+        .map_err(|e| Error::io("writing", "the prune plan", e))?;
+    if !opts.dry_run {
+        execute(repo, &plan)?;
+    }
+    Ok(plan)
+}
+
+/// Reads the repository and decides; deletes nothing.
+pub fn plan(repo: &Repo, ids: &Identities, opts: &Options) -> Result<Plan> {
+    let catalog = crate::restore::list_snapshots(repo, ids)?;
+    if let Some((key, why)) = catalog.unreadable.first() {
+        return Err(PruneError::Unreadable {
+            count: catalog.unreadable.len(),
+            first: format!("{key}: {why}"),
+        }
+        .into());
+    }
+    let manifests = catalog.snapshots;
+    if !opts.allow_future {
+        check_not_future(&manifests, crate::index::now_ns())?;
+    }
+    // Blob ages are the server's times, so "now" is the server's too.
+    let now = repo.server_now()?;
+    if now <= 0 {
+        return Err(PruneError::ServerClock(now).into());
+    }
+    let cutoff = now.saturating_sub(nanos(opts.margin));
     let infos: Vec<SnapshotInfo> = manifests.iter().map(SnapshotInfo::from).collect();
-    let verdicts = plan_snapshots(&infos, policy);
+    let verdicts = plan_snapshots(&infos, &opts.policy);
     let mut referenced = HashSet::new();
     for v in verdicts.iter().filter(|v| v.keep()) {
         let Some(m) = manifests.iter().find(|m| m.id == v.snapshot.id) else {
@@ -317,12 +404,15 @@ pub fn run(
         // A kept snapshot whose metadata cannot be read stops the prune: its blobs
         // would otherwise look unreferenced.
         let meta = crate::restore::open_metadata(repo, ids, m.clone())?;
-        let mut q = meta.conn.prepare("SELECT id FROM blobs")?;
+        let mut q = meta
+            .conn
+            .prepare("SELECT id FROM blobs UNION SELECT blob_id FROM chunks")?;
         for id in q.query_map([], |r| r.get::<_, String>(0))? {
             referenced.insert(id?);
         }
     }
     // Listed after the snapshots were read: anything a backup adds meanwhile is young.
+    let index_objects = repo.list(&repo.index_dir())?;
     let stored: Vec<StoredBlob> = repo
         .list(&repo.blobs_dir())?
         .into_iter()
@@ -335,7 +425,7 @@ pub fn run(
             })
         })
         .collect();
-    let blobs = plan_blobs(&stored, &referenced, margin, now);
+    let blobs = plan_blobs(&stored, &referenced, opts.margin, now);
     let manifest_ids: HashSet<&str> = index_objects
         .iter()
         .filter_map(|o| o.key.rsplit('/').next()?.strip_suffix(".snapshot"))
@@ -348,16 +438,17 @@ pub fn run(
             (!manifest_ids.contains(id)).then(|| id.to_string())
         })
         .collect();
-    let plan = Plan {
+    Ok(Plan {
         verdicts,
         blobs,
         orphan_metadata,
-    };
-    plan.print(out)
-        .map_err(|e| Error::io("writing", "the prune plan", e))?;
-    if dry_run {
-        return Ok(plan);
-    }
+        cutoff_ns: cutoff,
+    })
+}
+
+/// Carries out a plan: forgotten snapshots' manifests first (they vanish at once), then
+/// their metadata, then blobs, then leftovers of interrupted backups.
+pub fn execute(repo: &Repo, plan: &Plan) -> Result<()> {
     for v in plan.forget() {
         let id = SnapshotId::parse(&v.snapshot.id)
             .ok_or_else(|| Error::SnapshotNotFound(v.snapshot.id.clone()))?;
@@ -374,7 +465,8 @@ pub fn run(
             repo.delete(&repo.metadata_key(&id))?;
         }
     }
-    Ok(plan)
+    repo.sweep_staging(plan.cutoff_ns)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -387,10 +479,49 @@ mod tests {
     fn snap(id: &str, host: &str, time_ns: i64) -> SnapshotInfo {
         SnapshotInfo {
             id: id.into(),
+            identity: format!("agent-of-{host}"),
             host: host.into(),
             paths: vec!["/data".into()],
             time_ns,
         }
+    }
+
+    #[test]
+    fn newest_of_every_agent_is_kept_even_on_one_host() {
+        // Two configs on one host share a prefix: each index dedups against its own.
+        let mut a = snap("a-old", "pi", 1);
+        a.identity = "agent 1".into();
+        let mut a_new = snap("a-new", "pi", 2);
+        a_new.identity = "agent 1".into();
+        let mut b = snap("b-only", "pi", 0);
+        b.identity = "agent 2".into();
+        let p = Policy {
+            keep_last: Some(1),
+            ..Policy::default()
+        };
+        let v = plan_snapshots(&[a, a_new, b], &p);
+        assert_eq!(kept(&v), ["b-only", "a-new"]);
+        assert!(v[0].reasons.contains(&"newest of its agent"));
+    }
+
+    #[test]
+    fn huge_durations_are_refused_or_saturate() {
+        assert!(parse_duration("500y").unwrap_err().contains("100 years"));
+        assert!(parse_duration("48h").is_ok());
+        // Even a margin that does not fit in i64 nanoseconds deletes nothing young.
+        let stored = vec![StoredBlob {
+            id: "x".into(),
+            size: 1,
+            modified_ns: 5,
+        }];
+        let plan = plan_blobs(&stored, &HashSet::new(), Duration::MAX, 10);
+        assert!(plan.delete.is_empty());
+        let s = vec![snap("old", "a", i64::MIN), snap("new", "a", i64::MAX)];
+        let p = Policy {
+            keep_within: Some(Duration::from_secs(1)),
+            ..Policy::default()
+        };
+        assert_eq!(kept(&plan_snapshots(&s, &p)), ["new"]);
     }
 
     fn kept(v: &[Verdict]) -> Vec<&str> {

@@ -6,7 +6,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub const METADATA_FORMAT: u32 = 1;
-pub const MANIFEST_FORMAT: u32 = 1;
+/// 2 adds `agent`, the identity of the index that made the snapshot.
+pub const MANIFEST_FORMAT: u32 = 2;
 
 /// 128 random bits: names a snapshot without revealing its time or host.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -63,6 +64,10 @@ pub struct Summary {
 pub struct Manifest {
     pub format: u32,
     pub id: String,
+    /// Random identity of the agent index that made the snapshot (format 2): that index
+    /// deduplicates against its newest snapshot, so prune keeps it. Absent in format 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
     pub hostname: String,
     /// RFC 3339, UTC, milliseconds.
     pub time: String,
@@ -73,6 +78,61 @@ pub struct Manifest {
     /// BLAKE3 of the encrypted metadata object, hex.
     pub metadata_hash: String,
     pub summary: Summary,
+}
+
+impl Manifest {
+    /// Parses a decrypted manifest and checks the values that readers rely on.
+    pub fn from_json(json: &[u8]) -> Result<Self, String> {
+        let m: Manifest =
+            serde_json::from_slice(json).map_err(|e| format!("manifest is not valid: {e}"))?;
+        if SnapshotId::parse(&m.id).is_none() {
+            return Err(format!("manifest id {:?} is not a snapshot id", m.id));
+        }
+        if m.agent
+            .as_deref()
+            .is_some_and(|a| AgentId::parse(a).is_none())
+        {
+            return Err("manifest agent is not an agent id".into());
+        }
+        if m.hostname.len() > 255 || m.hostname.chars().any(char::is_control) {
+            return Err("manifest hostname is not a host name".into());
+        }
+        if m.metadata_hash.len() != 64 {
+            return Err("manifest metadata hash is not a BLAKE3 hash".into());
+        }
+        Ok(m)
+    }
+
+    /// The identity prune keeps the newest snapshot of: the agent index, or for format-1
+    /// manifests (which have none) the host name.
+    pub fn identity(&self) -> String {
+        match &self.agent {
+            Some(a) => format!("agent {a}"),
+            None => format!("host {}", self.hostname),
+        }
+    }
+}
+
+/// 128 random bits made once per agent index: names the index that deduplicates
+/// against a snapshot, whatever the host is called.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AgentId(pub [u8; 16]);
+
+impl AgentId {
+    pub fn random() -> Self {
+        AgentId(rand::random())
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut b = [0u8; 16];
+        hex::decode_to_slice(s, &mut b).ok()?;
+        Some(AgentId(b))
+    }
+}
+
+impl fmt::Display for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
 }
 
 /// Schema of the metadata database, part 1: nodes and their extended attributes. Paths

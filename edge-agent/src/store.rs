@@ -14,7 +14,8 @@ use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as Key;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig, WriteMultipart,
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, RetryConfig,
+    WriteMultipart,
 };
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -45,12 +46,23 @@ pub enum StoreError {
     },
     #[error("upload of {key} stopped before it finished")]
     Interrupted { key: String },
+    #[error("object {key} already exists: vaultik never overwrites an object")]
+    Exists { key: String },
+    #[error("sweeping staging files in {dir}: {source}")]
+    Sweep {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl StoreError {
     fn op(op: &'static str, key: &Key, source: object_store::Error) -> Self {
         match source {
             object_store::Error::NotFound { .. } => StoreError::NotFound {
+                key: key.to_string(),
+            },
+            object_store::Error::AlreadyExists { .. } => StoreError::Exists {
                 key: key.to_string(),
             },
             source => StoreError::Op {
@@ -88,6 +100,8 @@ pub struct Repo {
     /// Set once the server is seen answering ranged GETs with 200 (rclone 1.75 does):
     /// readers then stream whole objects forward instead.
     no_ranges: Arc<std::sync::atomic::AtomicBool>,
+    /// The directory of a `file://` destination, for sweeping staging files.
+    local_root: Option<PathBuf>,
 }
 
 fn install_crypto_provider() {
@@ -170,6 +184,10 @@ impl Repo {
             index_prefix: join_prefix(index_prefix, ""),
             rt,
             no_ranges: Arc::default(),
+            local_root: match dest {
+                Destination::Local { root, prefix } => Some(root.join(prefix)),
+                Destination::S3(_) => None,
+            },
         })
     }
 
@@ -247,12 +265,76 @@ impl Repo {
         }
     }
 
-    /// Writes a small object in one request.
-    pub fn put(&self, key: &Key, data: Vec<u8>) -> Result<(), StoreError> {
+    /// Writes a small object in one request, only if no object has that name
+    /// (`If-None-Match: *`; a local directory links the new file into place). Servers
+    /// that ignore the condition (rclone 1.75) overwrite; see docs/FORMAT.md.
+    pub fn put_new(&self, key: &Key, data: Vec<u8>) -> Result<(), StoreError> {
+        let opts = PutOptions::from(PutMode::Create);
         self.rt
-            .block_on(self.store.put(key, data.into()))
+            .block_on(self.store.put_opts(key, data.into(), opts))
             .map(|_| ())
             .map_err(|e| StoreError::op("put", key, e))
+    }
+
+    /// The storage server's clock, in nanoseconds since the epoch: the modification
+    /// time it gives a fresh probe object (`<index>/<random>.clock`), deleted at once.
+    /// Prune compares it with blob times, which come from the same clock.
+    pub fn server_now(&self) -> Result<i64, StoreError> {
+        let name = format!("{}.clock", hex::encode(rand::random::<[u8; 16]>()));
+        let key = self.key(&join_prefix(&self.index_prefix, &name));
+        self.put_new(&key, b"clock".to_vec())?;
+        // Listings carry the times prune compares (HEAD's are whole seconds).
+        let listed = self.list(&self.index_dir());
+        let deleted = self.delete(&key);
+        let time = listed?
+            .into_iter()
+            .find(|o| o.key == key.as_ref())
+            .map(|o| o.modified_ns)
+            .ok_or_else(|| StoreError::NotFound {
+                key: key.to_string(),
+            })?;
+        deleted?;
+        Ok(time)
+    }
+
+    /// Removes staging files (`name#N`) that a killed upload left in a `file://`
+    /// destination, if they were last written before `cutoff_ns`. They are invisible to
+    /// listings, so nothing else would ever remove them. Returns how many went.
+    pub fn sweep_staging(&self, cutoff_ns: i64) -> Result<u64, StoreError> {
+        let Some(root) = &self.local_root else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        let mut dirs = vec![root.clone()];
+        while let Some(dir) = dirs.pop() {
+            let sweep_err = |source| StoreError::Sweep {
+                dir: dir.clone(),
+                source,
+            };
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(sweep_err(e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(sweep_err)?;
+                let meta = entry.metadata().map_err(sweep_err)?;
+                if meta.is_dir() {
+                    dirs.push(entry.path());
+                    continue;
+                }
+                let written = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+                if is_staging_name(&entry.file_name().to_string_lossy()) && written < cutoff_ns {
+                    std::fs::remove_file(entry.path()).map_err(sweep_err)?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     pub fn get(&self, key: &Key) -> Result<Bytes, StoreError> {
@@ -325,6 +407,12 @@ impl Repo {
             .block_on(self.store.delete(key))
             .map_err(|e| StoreError::op("delete", key, e))
     }
+}
+
+/// object_store's local staging files are named `<object>#<digits>`.
+fn is_staging_name(name: &str) -> bool {
+    name.rsplit_once('#')
+        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// A whole object, read forward piece by piece.

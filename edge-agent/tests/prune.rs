@@ -114,7 +114,7 @@ fn dry_run_then_prune_keeps_every_kept_snapshot_whole() {
         "{plan}"
     );
     assert!(
-        plan.contains(&format!("keep    {}", ids[3])) && plan.contains("newest of its host"),
+        plan.contains(&format!("keep    {}", ids[3])) && plan.contains("newest of its agent"),
         "{plan}"
     );
     assert!(!plan.contains(" 0 blobs to delete"), "{plan}");
@@ -239,4 +239,187 @@ fn prune_racing_backups_never_breaks_a_snapshot() {
     );
     // Garbage was collected along the way: far fewer blobs than were ever uploaded.
     assert!(stored_blobs(&s3) <= 40, "{} blobs left", stored_blobs(&s3));
+}
+
+/// Restores the newest snapshot of `src` and checks it byte for byte, then reads every
+/// blob of the repository back.
+fn latest_restores_exactly(env: &[(&str, &str)], dir: &Path, src: &Path, tag: &str) {
+    let target = dir.join(format!("check-{tag}"));
+    let out = vaultik(
+        &[
+            "restore",
+            BUCKET,
+            "host1",
+            "latest",
+            target.to_str().unwrap(),
+            "-q",
+        ],
+        env,
+    );
+    assert!(
+        out.status.success(),
+        "restore after {tag}: {}",
+        stderr(&out)
+    );
+    assert_same_tree(src, &restored(&target, src));
+    let out = vaultik(&["verify", BUCKET, "host1", "--read-data"], env);
+    assert!(out.status.success(), "verify after {tag}: {}", stderr(&out));
+}
+
+/// Sets the modification time of every object the server holds `secs` into the past:
+/// the server's clock has moved on by that much.
+fn age_bucket(s3: &S3Server, secs: i64) {
+    let when = filetime::FileTime::from_unix_time(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            - secs,
+        0,
+    );
+    for (p, m) in common::walk(&s3.bucket_dir()) {
+        if m.is_file() {
+            filetime::set_file_mtime(&p, when).unwrap();
+        }
+    }
+}
+
+#[test]
+fn prune_keeps_the_dedup_base_of_every_agent_sharing_a_host_name() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let key = keygen(t.path());
+    let env = s3_env(&s3.endpoint, &key);
+    // Two agents (two configs, two indexes) on hosts that are both called raspberrypi.
+    let mut agents = Vec::new();
+    for (name, seed) in [("a", 1), ("b", 2)] {
+        let home = t.path().join(name);
+        let src = home.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        write_file(&src.join("data.bin"), &pseudo_random(300_000, seed));
+        let cfg = s3_config(
+            &home,
+            &s3.endpoint,
+            "host1",
+            &[&src],
+            &key,
+            "hostname: raspberrypi\n",
+        );
+        agents.push((src, cfg));
+    }
+    backup_ok(&agents[1].1);
+    backup_ok(&agents[0].1);
+    write_file(&agents[0].0.join("more.bin"), &pseudo_random(100_000, 3));
+    backup_ok(&agents[0].1);
+    let plan = prune(&env, &["--keep-last", "1", "--safety-margin", "0s"]);
+    assert!(plan.contains("newest of its agent"), "{plan}");
+    assert_eq!(snapshot_ids(&env).len(), 2, "{plan}");
+    // Agent b deduplicates against its own last snapshot: it must still be whole.
+    write_file(&agents[1].0.join("new.bin"), &pseudo_random(50_000, 4));
+    backup_ok(&agents[1].1);
+    latest_restores_exactly(&env, t.path(), &agents[1].0, "second backup of b");
+}
+
+#[test]
+fn prune_stops_at_a_snapshot_dated_in_the_future() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let key = keygen(t.path());
+    let env = s3_env(&s3.endpoint, &key);
+    let cfg = s3_config(t.path(), &s3.endpoint, "host1", &[&src], &key, "");
+    for seed in 0..2 {
+        write_file(
+            &src.join(format!("{seed}.bin")),
+            &pseudo_random(100_000, seed),
+        );
+        backup_ok(&cfg);
+    }
+    // A bucket writer (or a wrong clock) dates one manifest ten years ahead.
+    let ids = snapshot_ids(&env);
+    let forged = ids[0].clone();
+    let manifest = s3
+        .bucket_dir()
+        .join(format!("host1/index/{forged}.snapshot"));
+    rewrite_manifest(&manifest, &key, |m| {
+        let t = m["time_unix_ns"].as_i64().unwrap() + 10 * 365 * 86_400 * 1_000_000_000;
+        m["time_unix_ns"] = t.into();
+        m["time"] = "2036-11-20T00:00:00.000Z".into();
+    });
+    let out = vaultik(
+        &[
+            "prune",
+            BUCKET,
+            "host1",
+            "--keep-within",
+            "1d",
+            "--safety-margin",
+            "0s",
+        ],
+        &env,
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&forged) && err.contains("ahead of this machine's clock"),
+        "{err}"
+    );
+    assert_eq!(
+        snapshot_ids(&env).len(),
+        2,
+        "prune deleted something: {err}"
+    );
+    let plan = prune(
+        &env,
+        &[
+            "--keep-within",
+            "1d",
+            "--allow-future-snapshots",
+            "--dry-run",
+        ],
+    );
+    assert!(plan.contains(&forged), "{plan}");
+}
+
+#[test]
+fn a_failed_manifest_upload_is_not_adopted_as_dedup_base() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    write_file(&src.join("old.bin"), &pseudo_random(200_000, 1));
+    let key = keygen(t.path());
+    let env = s3_env(&s3.endpoint, &key);
+    let good = s3_config(t.path(), &s3.endpoint, "host1", &[&src], &key, "");
+    let cfg_for = |endpoint: &str, name: &str| {
+        let text = std::fs::read_to_string(&good)
+            .unwrap()
+            .replace(&s3.endpoint, endpoint);
+        let p = t.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let no_manifest = cfg_for(&s3.no_put_endpoint, "no-manifest.yaml");
+    let dead = cfg_for("http://127.0.0.1:1", "dead.yaml");
+    backup_ok(&good);
+    // New data whose blobs upload, but whose manifest does not.
+    write_file(&src.join("new.bin"), &pseudo_random(200_000, 2));
+    let run = |cfg: &Path| vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
+    let out = run(&no_manifest);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    // The next run fails too (the uplink is down) after it has looked at its index.
+    let out = run(&dead);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    // Three days pass, for the server and the agent alike; prune removes the blobs that
+    // no snapshot references.
+    age_bucket(&s3, 3 * 86_400);
+    let index = t.path().join("state/index.sqlite");
+    sqlite(
+        &index,
+        "UPDATE partial_blobs SET uploaded_ns = uploaded_ns - 259200000000000",
+    );
+    prune(&env, &["--keep-last", "1"]);
+    backup_ok(&good);
+    latest_restores_exactly(&env, t.path(), &src, "the backup after the failures");
 }

@@ -19,21 +19,28 @@ pub const SK: &str = "vaultik-test-secret-key";
 pub const BUCKET: &str = "bucket";
 
 /// An in-process S3 server on its own runtime thread. `write_only_endpoint` serves the
-/// same storage but allows only the calls a backup needs (PutObject and multipart).
+/// same storage but allows only the calls a backup needs (PutObject and multipart);
+/// `no_put_endpoint` allows everything but single-request PutObject, which is how a
+/// backup uploads its manifest: a fault injected exactly at the commit point.
 pub struct S3Server {
     pub endpoint: String,
     pub write_only_endpoint: String,
+    pub no_put_endpoint: String,
     pub root: tempfile::TempDir,
     _rt: tokio::runtime::Runtime,
 }
 
-/// The policy of a write-only credential: uploads, nothing else.
-struct WriteOnly;
+/// Which calls an endpoint allows.
+#[derive(Clone, Copy)]
+enum Access {
+    WriteOnly,
+    NoPutObject,
+}
 
 #[async_trait::async_trait]
-impl s3s::access::S3Access for WriteOnly {
+impl s3s::access::S3Access for Access {
     async fn check(&self, cx: &mut s3s::access::S3AccessContext<'_>) -> s3s::S3Result<()> {
-        const ALLOWED: [&str; 5] = [
+        const UPLOADS: [&str; 5] = [
             "PutObject",
             "CreateMultipartUpload",
             "UploadPart",
@@ -43,10 +50,18 @@ impl s3s::access::S3Access for WriteOnly {
         if cx.credentials().is_none() {
             return Err(s3s::s3_error!(AccessDenied, "anonymous"));
         }
-        if ALLOWED.contains(&cx.s3_op().name()) {
+        let op = cx.s3_op().name();
+        let allowed = match self {
+            Access::WriteOnly => UPLOADS.contains(&op),
+            Access::NoPutObject => op != "PutObject",
+        };
+        if allowed {
             Ok(())
         } else {
-            Err(s3s::s3_error!(AccessDenied, "write-only credential"))
+            Err(s3s::s3_error!(
+                AccessDenied,
+                "not allowed for this test endpoint"
+            ))
         }
     }
 }
@@ -60,11 +75,13 @@ impl S3Server {
             .enable_all()
             .build()
             .unwrap();
-        let endpoint = serve(&rt, root.path(), false);
-        let write_only_endpoint = serve(&rt, root.path(), true);
+        let endpoint = serve(&rt, root.path(), None);
+        let write_only_endpoint = serve(&rt, root.path(), Some(Access::WriteOnly));
+        let no_put_endpoint = serve(&rt, root.path(), Some(Access::NoPutObject));
         S3Server {
             endpoint,
             write_only_endpoint,
+            no_put_endpoint,
             root,
             _rt: rt,
         }
@@ -75,12 +92,12 @@ impl S3Server {
     }
 }
 
-fn serve(rt: &tokio::runtime::Runtime, root: &Path, write_only: bool) -> String {
+fn serve(rt: &tokio::runtime::Runtime, root: &Path, access: Option<Access>) -> String {
     let fs = s3s_fs::FileSystem::new(root).unwrap();
     let mut b = s3s::service::S3ServiceBuilder::new(fs);
     b.set_auth(s3s::auth::SimpleAuth::from_single(AK, SK));
-    if write_only {
-        b.set_access(WriteOnly);
+    if let Some(access) = access {
+        b.set_access(access);
     }
     let service = b.build();
     let listener = rt
@@ -531,4 +548,79 @@ pub fn restored(target: &Path, source: &Path) -> PathBuf {
 pub fn write_file(path: &Path, data: &[u8]) {
     let mut f = std::fs::File::create(path).unwrap();
     f.write_all(data).unwrap();
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Decrypts a snapshot's metadata with stock tools, runs `sql` on it, and re-encrypts
+/// it with a matching manifest, as an attacker with the public key could.
+pub fn tamper_metadata(repo: &Path, key: &Key, sql: &str) {
+    let idx = repo.join("index");
+    let meta = std::fs::read_dir(&idx)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "metadata"))
+        .unwrap();
+    let db = meta.with_extension("tamper.sqlite");
+    let _ = std::fs::remove_file(&db);
+    let sh = format!(
+        "age -d -i {k} {m} | zstd -q -d -o {db} && sqlite3 {db} \"{sql}\" && zstd -q -c {db} | age -r {r} -o {m}.new && mv {m}.new {m}",
+        k = key.file.display(),
+        m = meta.display(),
+        db = db.display(),
+        r = key.public,
+    );
+    assert!(
+        Command::new("sh")
+            .arg("-c")
+            .arg(&sh)
+            .status()
+            .unwrap()
+            .success(),
+        "{sh}"
+    );
+    std::fs::remove_file(&db).unwrap();
+    let sealed = std::fs::read(&meta).unwrap();
+    rewrite_manifest(&meta.with_extension("snapshot"), key, |m| {
+        m["metadata_size"] = sealed.len().into();
+        m["metadata_hash"] = hex::encode(blake3::hash(&sealed).as_bytes()).into();
+    });
+}
+
+/// Decrypts a manifest with the stock `age`, lets `edit` change its JSON, and encrypts
+/// it again to the public key, as anyone who can write to the bucket could.
+pub fn rewrite_manifest(manifest: &Path, key: &Key, edit: impl FnOnce(&mut serde_json::Value)) {
+    let out = Command::new("age")
+        .args(["-d", "-i"])
+        .arg(&key.file)
+        .arg(manifest)
+        .output()
+        .unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    edit(&mut m);
+    let mut child = Command::new("age")
+        .args(["-r", &key.public, "-o"])
+        .arg(manifest)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(&m).unwrap())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// A path as stored in metadata (relative to `/`), as an SQL BLOB literal.
+pub fn stored(p: &Path) -> String {
+    let b = p.as_os_str().as_bytes();
+    format!("X'{}'", hex::encode(b.strip_prefix(b"/").unwrap_or(b)))
 }

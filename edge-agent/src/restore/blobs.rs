@@ -1,0 +1,337 @@
+//! Restoring file content blob by blob: each blob is read with ranged requests covering
+//! only the spans that hold wanted chunks; every chunk is decompressed to its recorded
+//! length and hash-checked before it is written. Files are opened through the restore
+//! `Target`, never by path.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+use super::target::Target;
+use crate::chunk::{ChunkHasher, ChunkId};
+use crate::crypt::{Identities, KeyError, RemoteReader, cipher_end};
+use crate::error::{Error, Result};
+use crate::pack::{BlobId, open_frame};
+use crate::progress::Progress;
+use crate::store::Repo;
+
+/// The largest zstd frame a chunk can compress to (zstd's bound for the largest chunk).
+const MAX_FRAME: u64 =
+    (fastcdc::v2020::MAXIMUM_MAX + (fastcdc::v2020::MAXIMUM_MAX >> 7) + 4096) as u64;
+/// Reads at most this many plaintext bytes of a blob in one request.
+const MAX_SPAN: u64 = 4 << 20;
+/// Gaps between wanted chunks smaller than this are downloaded rather than skipped.
+const MERGE_GAP: u64 = 256 << 10;
+
+/// A wanted chunk, its location checked to lie inside the blob.
+pub(super) struct Want {
+    pub id: ChunkId,
+    pub offset: u64,
+    pub clen: u64,
+    pub ulen: u32,
+}
+
+/// Damaged files found while restoring one blob: (destination, reason).
+pub(super) type Damaged = Vec<(PathBuf, String)>;
+
+pub(super) struct BlobWorker<'a> {
+    repo: &'a Repo,
+    conn: Connection,
+    hasher: ChunkHasher,
+    ids: &'a Identities,
+    progress: &'a Progress,
+    target: Target,
+    /// The last file written, kept open: consecutive chunks often land in one file.
+    open: Option<(Vec<u8>, std::fs::File)>,
+}
+
+impl<'a> BlobWorker<'a> {
+    pub fn new(
+        repo: &'a Repo,
+        db: &Path,
+        hasher: &ChunkHasher,
+        ids: &'a Identities,
+        progress: &'a Progress,
+        target: Target,
+    ) -> Result<Self> {
+        // Nothing writes the database while workers run, so they can skip file locking.
+        let uri = format!("file:{}?immutable=1", db.display());
+        let conn = Connection::open_with_flags(
+            uri,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        super::catalog::harden(&conn)?;
+        Ok(BlobWorker {
+            repo,
+            conn,
+            hasher: hasher.clone(),
+            ids,
+            progress,
+            target,
+            open: None,
+        })
+    }
+
+    /// The blob's encrypted size and payload start, if its row is sane.
+    fn geometry(&self, blob: &str) -> Result<Option<Geometry>> {
+        let row: Option<(i64, i64)> = self
+            .conn
+            .query_row(
+                "SELECT size, payload_start FROM blobs WHERE id = ?1",
+                [blob],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(row.and_then(|(size, start)| {
+            let g = Geometry {
+                size: u64::try_from(size).ok()?,
+                payload_start: u64::try_from(start).ok()?,
+            };
+            (g.payload_start <= g.size).then_some(g)
+        }))
+    }
+
+    /// Wanted chunks of the blob, split into those that lie inside it and the rest.
+    fn wants(&self, blob: &str, plain_max: u64) -> Result<(Vec<Want>, Vec<ChunkId>)> {
+        let mut q = self.conn.prepare_cached(
+            "SELECT c.id, c.offset, c.clen, c.ulen FROM chunks c WHERE c.blob_id = ?1 AND EXISTS
+               (SELECT 1 FROM file_chunks f JOIN vaultik_sel sel ON sel.data_node = f.node_id
+                WHERE f.chunk_id = c.id AND sel.kind = 'file')
+             ORDER BY c.offset",
+        )?;
+        let rows = q.query_map([blob], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        let (mut inside, mut outside) = (Vec::new(), Vec::new());
+        for row in rows {
+            let (id, offset, clen, ulen) = row?;
+            // Ids were checked before the data pass; a bad one cannot be wanted.
+            let Some(id) = ChunkId::from_slice(&id) else {
+                continue;
+            };
+            let want = (|| {
+                let w = Want {
+                    id,
+                    offset: u64::try_from(offset).ok()?,
+                    clen: u64::try_from(clen).ok().filter(|c| *c <= MAX_FRAME)?,
+                    ulen: u32::try_from(ulen).ok()?,
+                };
+                (w.offset.checked_add(w.clen)? <= plain_max).then_some(w)
+            })();
+            match want {
+                Some(w) => inside.push(w),
+                None => outside.push(id),
+            }
+        }
+        Ok((inside, outside))
+    }
+
+    /// Restores every wanted chunk of one blob; returns the files it could not complete.
+    pub fn restore_blob(&mut self, blob: &str) -> Result<Damaged> {
+        let mut bad = Vec::new();
+        let (Some(blob_id), Some(geom)) = (BlobId::parse(blob), self.geometry(blob)?) else {
+            let (inside, outside) = self.wants(blob, u64::MAX)?;
+            for id in inside.iter().map(|w| w.id).chain(outside) {
+                self.mark_damaged(&id, &format!("blob {blob:?} has no valid record"), &mut bad)?;
+            }
+            return Ok(bad);
+        };
+        let (wants, outside) = self.wants(blob, geom.size)?;
+        for id in &outside {
+            self.mark_damaged(
+                id,
+                &format!("blob {blob}: chunk entry lies outside the blob"),
+                &mut bad,
+            )?;
+        }
+        let key = self.repo.blob_key(&blob_id);
+        let what = format!("blob {blob}");
+        let mut reader = match self.open_blob(&key, geom, &what) {
+            Ok(r) => r,
+            Err(Error::Key(e @ KeyError::WrongKey { .. })) => return Err(e.into()),
+            Err(e) => {
+                for w in &wants {
+                    self.mark_damaged(&w.id, &e.to_string(), &mut bad)?;
+                }
+                return Ok(bad);
+            }
+        };
+        for span in spans(&wants) {
+            let start = wants[span.start].offset;
+            let end = wants[span.clone()]
+                .iter()
+                .map(|w| w.offset + w.clen)
+                .max()
+                .unwrap_or(start);
+            let mut buf = vec![0u8; (end - start) as usize];
+            if reader.read_at(start, &mut buf).is_ok() {
+                for w in &wants[span] {
+                    let at = (w.offset - start) as usize;
+                    self.place(w, &buf[at..at + w.clen as usize], &mut bad)?;
+                }
+                continue;
+            }
+            // Part of the span is damaged. age refuses to read on after an authentication
+            // failure, so retry chunk by chunk, each with a fresh decryptor.
+            for w in &wants[span] {
+                let mut one = vec![0u8; w.clen as usize];
+                let got = self.open_blob(&key, geom, &what).and_then(|mut r| {
+                    r.read_at(w.offset, &mut one)
+                        .map_err(|e| Error::io("reading", &what, e))
+                });
+                match got {
+                    Ok(()) => self.place(w, &one, &mut bad)?,
+                    Err(e) => self.mark_damaged(&w.id, &e.to_string(), &mut bad)?,
+                }
+            }
+            reader = match self.open_blob(&key, geom, &what) {
+                Ok(r) => r,
+                Err(_) => break,
+            };
+        }
+        Ok(bad)
+    }
+
+    fn open_blob(
+        &self,
+        key: &object_store::path::Path,
+        g: Geometry,
+        what: &str,
+    ) -> Result<BlobReader> {
+        let (remote, hint) = RemoteReader::new(self.repo.clone(), key.clone(), g.size);
+        hint.store(g.payload_start, Ordering::Relaxed);
+        let plain = self.ids.decrypt(remote, what)?;
+        Ok(BlobReader { plain, hint, g })
+    }
+
+    fn place(&mut self, w: &Want, frame: &[u8], bad: &mut Damaged) -> Result<()> {
+        let data = match open_frame(frame, w.ulen, w.id, &self.hasher) {
+            Ok(d) => d,
+            Err(e) => return self.mark_damaged(&w.id, &e.to_string(), bad),
+        };
+        let zero = data.iter().all(|b| *b == 0);
+        let dests: Vec<(Vec<u8>, i64)> = {
+            let mut q = self.conn.prepare_cached(
+                "SELECT sel.dest, f.offset FROM file_chunks f JOIN vaultik_sel sel ON sel.data_node = f.node_id
+                 WHERE f.chunk_id = ?1 AND sel.kind = 'file'",
+            )?;
+            q.query_map([&w.id.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        for (dest, off) in dests {
+            self.progress.add_bytes(data.len() as u64);
+            if zero {
+                continue; // the file was created sparse; leave the hole
+            }
+            // Offsets of selected files were checked to tile each file exactly.
+            let off = u64::try_from(off).unwrap_or(u64::MAX);
+            let f = self.file(&dest)?;
+            if let Err(e) = f.write_all_at(&data, off) {
+                return Err(Error::io("writing", self.target.display(&dest), e));
+            }
+        }
+        Ok(())
+    }
+
+    fn file(&mut self, dest: &[u8]) -> Result<&std::fs::File> {
+        if self.open.as_ref().is_none_or(|(p, _)| p != dest) {
+            let f = self
+                .target
+                .open_file(dest)
+                .map_err(|e| Error::io(e.what, e.path, e.source))?;
+            self.open = Some((dest.to_vec(), f));
+        }
+        match &self.open {
+            Some((_, f)) => Ok(f),
+            None => Err(Error::Pipeline("no open file".into())),
+        }
+    }
+
+    fn mark_damaged(&self, id: &ChunkId, why: &str, bad: &mut Damaged) -> Result<()> {
+        let mut q = self.conn.prepare_cached(
+            "SELECT DISTINCT sel.dest FROM file_chunks f JOIN vaultik_sel sel ON sel.data_node = f.node_id
+             WHERE f.chunk_id = ?1 AND sel.kind = 'file'",
+        )?;
+        let dests: Vec<Vec<u8>> = q
+            .query_map([&id.0[..]], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for d in dests {
+            bad.push((self.target.display(&d), why.to_string()));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Geometry {
+    size: u64,
+    payload_start: u64,
+}
+
+/// A decrypting reader over one remote blob that fetches exactly the ciphertext needed.
+struct BlobReader {
+    plain: age::stream::StreamReader<RemoteReader>,
+    hint: Arc<AtomicU64>,
+    g: Geometry,
+}
+
+impl BlobReader {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let end = cipher_end(self.g.payload_start, offset + buf.len() as u64, self.g.size);
+        self.hint.store(end, Ordering::Relaxed);
+        self.plain.seek(SeekFrom::Start(offset))?;
+        self.plain.read_exact(buf)
+    }
+}
+
+/// Groups wanted chunks (sorted by offset) into ranges read with one request each.
+pub(super) fn spans(wants: &[Want]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=wants.len() {
+        let split = i == wants.len() || {
+            let prev = &wants[i - 1];
+            let prev_end = prev.offset + prev.clen;
+            let gap = wants[i].offset.saturating_sub(prev_end);
+            let span_len = (wants[i].offset + wants[i].clen).saturating_sub(wants[start].offset);
+            gap > MERGE_GAP || span_len > MAX_SPAN
+        };
+        if split {
+            out.push(start..i);
+            start = i;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_merge_close_chunks_and_split_far_ones() {
+        let w = |offset, clen| Want {
+            id: ChunkId([0; 32]),
+            offset,
+            clen,
+            ulen: 0,
+        };
+        let wants = vec![
+            w(8, 100),
+            w(108, 100),
+            w(10_000_000, 50),
+            w(10_000_050, 20_000_000),
+        ];
+        assert_eq!(spans(&wants), vec![0..2, 2..3, 3..4]);
+        assert!(spans(&[]).is_empty());
+    }
+}

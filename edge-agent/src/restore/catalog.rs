@@ -1,0 +1,274 @@
+//! Finding snapshots and opening their metadata: manifests listed and decrypted,
+//! metadata downloaded, hash-checked, decompressed under a size cap into a private
+//! temporary SQLite file, and opened defensively. Everything here is read from the
+//! bucket and therefore hostile input (docs/SECURITY.md).
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use rusqlite::Connection;
+use rusqlite::config::DbConfig;
+
+use crate::chunk::ChunkHasher;
+use crate::crypt::{Identities, KeyError};
+use crate::error::{Error, Result};
+use crate::snapshot::{MANIFEST_FORMAT, METADATA_FORMAT, Manifest, SnapshotId, meta_value};
+use crate::store::{Repo, StoreError};
+
+/// A manifest is a few kilobytes; anything much larger is not one.
+const MAX_MANIFEST: u64 = 1 << 20;
+/// Decompressed metadata may be at most this many times its compressed size, plus
+/// [`METADATA_SLACK`]: SQLite compresses well, but not a thousandfold.
+const METADATA_RATIO: u64 = 200;
+const METADATA_SLACK: u64 = 256 << 20;
+
+/// The snapshots of a repository, and the manifest objects that could not be read.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    /// Oldest first.
+    pub snapshots: Vec<Manifest>,
+    /// (object key, why): foreign, undecryptable or malformed manifests, skipped.
+    pub unreadable: Vec<(String, String)>,
+}
+
+impl Catalog {
+    /// One warning line per unreadable manifest.
+    pub fn warnings(&self) -> impl Iterator<Item = String> + '_ {
+        self.unreadable
+            .iter()
+            .map(|(key, why)| format!("warning: skipped {key}: {why}"))
+    }
+}
+
+/// Lists all snapshots, decrypting their manifests, oldest first. A manifest that does
+/// not decrypt with the key or does not parse is skipped and reported, so one foreign
+/// object cannot hide every snapshot; a wrong key for all of them is an error.
+pub fn list_snapshots(repo: &Repo, ids: &Identities) -> Result<Catalog> {
+    let mut cat = Catalog::default();
+    let mut wrong_key = None;
+    for obj in repo.list(&repo.index_dir())? {
+        let Some(name) = obj.key.rsplit('/').next() else {
+            continue;
+        };
+        let Some(id) = name.strip_suffix(".snapshot").and_then(SnapshotId::parse) else {
+            continue;
+        };
+        match read_manifest(repo, ids, &id) {
+            Ok(m) => cat.snapshots.push(m),
+            Err(Error::Store(e)) => return Err(e.into()),
+            Err(e) => {
+                if let Error::Key(KeyError::WrongKey { .. }) = e {
+                    wrong_key.get_or_insert_with(|| e.to_string());
+                }
+                cat.unreadable.push((obj.key.clone(), e.to_string()));
+            }
+        }
+    }
+    if cat.snapshots.is_empty()
+        && let Some(e) = wrong_key
+    {
+        return Err(Error::Key(KeyError::WrongKey {
+            what: e
+                .split(": the private key")
+                .next()
+                .unwrap_or("snapshots")
+                .to_string(),
+        }));
+    }
+    cat.snapshots
+        .sort_by(|a, b| (a.time_unix_ns, &a.id).cmp(&(b.time_unix_ns, &b.id)));
+    Ok(cat)
+}
+
+pub fn read_manifest(repo: &Repo, ids: &Identities, id: &SnapshotId) -> Result<Manifest> {
+    let what = format!("snapshot {id}");
+    let sealed = repo.get(&repo.manifest_key(id)).map_err(|e| match e {
+        StoreError::NotFound { .. } => Error::SnapshotNotFound(id.to_string()),
+        e => e.into(),
+    })?;
+    let mut json = Vec::new();
+    ids.decrypt(&sealed[..], &what)?
+        .take(MAX_MANIFEST)
+        .read_to_end(&mut json)
+        .map_err(|e| KeyError::Decrypt {
+            what: what.clone(),
+            message: e.to_string(),
+        })?;
+    let m = Manifest::from_json(&json).map_err(|message| KeyError::Decrypt {
+        what: what.clone(),
+        message,
+    })?;
+    if m.format > MANIFEST_FORMAT {
+        return Err(Error::Pipeline(format!(
+            "{what} has manifest format {}; this vaultik reads up to {MANIFEST_FORMAT}: upgrade vaultik",
+            m.format,
+        )));
+    }
+    if m.id != id.to_string() {
+        return Err(KeyError::Decrypt {
+            what,
+            message: format!("manifest names snapshot {}, not its own", m.id),
+        }
+        .into());
+    }
+    Ok(m)
+}
+
+/// Finds a snapshot by full id, unique prefix, or `latest`.
+pub fn resolve(repo: &Repo, ids: &Identities, arg: &str) -> Result<Manifest> {
+    if let Some(id) = SnapshotId::parse(arg) {
+        return read_manifest(repo, ids, &id);
+    }
+    let all = list_snapshots(repo, ids)?.snapshots;
+    if arg == "latest" {
+        return all
+            .into_iter()
+            .last()
+            .ok_or_else(|| Error::SnapshotNotFound(arg.into()));
+    }
+    let mut hits: Vec<Manifest> = all.into_iter().filter(|m| m.id.starts_with(arg)).collect();
+    match hits.len() {
+        0 => Err(Error::SnapshotNotFound(arg.into())),
+        1 => Ok(hits.remove(0)),
+        n => Err(Error::SnapshotAmbiguous(arg.into(), n)),
+    }
+}
+
+/// A snapshot's metadata database, decrypted into a private temporary file.
+pub struct Metadata {
+    pub manifest: Manifest,
+    file: tempfile::NamedTempFile,
+    pub conn: Connection,
+    pub hasher: ChunkHasher,
+}
+
+impl Metadata {
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+}
+
+/// Settings for every connection to a downloaded metadata database: nothing in its
+/// schema may run code or write where it should not.
+pub(crate) fn harden(conn: &Connection) -> Result<()> {
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER, false)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_VIEW, false)?;
+    Ok(())
+}
+
+/// Only tables and indexes, as vaultik writes them: no views, no triggers.
+fn check_schema(conn: &Connection, what: &str) -> Result<()> {
+    let odd: Option<(String, String)> = conn
+        .query_row(
+            "SELECT type, name FROM sqlite_schema WHERE type NOT IN ('table', 'index') LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .ok();
+    if let Some((kind, name)) = odd {
+        return Err(Error::Pipeline(format!(
+            "{what} is not vaultik metadata: it holds a {kind} {name:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Decompresses `plain` into `out`, stopping with an error past `limit` bytes.
+fn decompress_capped(plain: impl Read, out: &mut impl Write, limit: u64, what: &str) -> Result<()> {
+    let z = zstd::stream::Decoder::new(plain).map_err(|e| Error::io("decompressing", what, e))?;
+    let copied = std::io::copy(&mut z.take(limit.saturating_add(1)), out)
+        .map_err(|e| Error::io("decompressing", what, e))?;
+    if copied > limit {
+        return Err(Error::Pipeline(format!(
+            "{what} decompresses to more than {limit} bytes: it is damaged or hostile"
+        )));
+    }
+    Ok(())
+}
+
+pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Result<Metadata> {
+    let id = SnapshotId::parse(&manifest.id)
+        .ok_or_else(|| Error::SnapshotNotFound(manifest.id.clone()))?;
+    let what = format!("metadata of snapshot {id}");
+    let sealed = repo.get(&repo.metadata_key(&id))?;
+    if sealed.len() as u64 != manifest.metadata_size
+        || hex::encode(blake3::hash(&sealed).as_bytes()) != manifest.metadata_hash
+    {
+        return Err(Error::Pipeline(format!(
+            "{what} is damaged: its size or hash does not match the manifest"
+        )));
+    }
+    let mut file = tempfile::Builder::new()
+        .prefix("vaultik-metadata-")
+        .tempfile()
+        .map_err(|e| Error::io("creating", std::env::temp_dir(), e))?;
+    let limit = (sealed.len() as u64)
+        .saturating_mul(METADATA_RATIO)
+        .saturating_add(METADATA_SLACK);
+    let plain = ids.decrypt(&sealed[..], &what)?;
+    decompress_capped(plain, file.as_file_mut(), limit, &what)?;
+    drop(sealed);
+    let conn = Connection::open(file.path())?;
+    harden(&conn)?;
+    // A private, disposable copy: durability would only cost fsyncs.
+    conn.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")
+        .map_err(|e| Error::Pipeline(format!("{what} is not a database: {e}")))?;
+    check_schema(&conn, &what)?;
+    let format: u32 = meta_value(&conn, "format")?
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::Pipeline(format!("{what}: no format version")))?;
+    if format > METADATA_FORMAT {
+        return Err(Error::Pipeline(format!(
+            "{what} has format {format}; this vaultik reads up to {METADATA_FORMAT}: upgrade vaultik"
+        )));
+    }
+    let key = meta_value(&conn, "chunk_key")?
+        .and_then(|k| {
+            let mut b = [0u8; 32];
+            hex::decode_to_slice(k, &mut b).ok().map(|_| b)
+        })
+        .ok_or_else(|| Error::Pipeline(format!("{what}: no chunk key")))?;
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS fc_chunk ON file_chunks (chunk_id);
+         CREATE INDEX IF NOT EXISTS chunks_blob ON chunks (blob_id, offset);",
+    )?;
+    Ok(Metadata {
+        manifest,
+        file,
+        conn,
+        hasher: ChunkHasher::new(key),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decompression_is_capped() {
+        let zeros = vec![0u8; 10 << 20];
+        let packed = zstd::bulk::compress(&zeros, 3).unwrap();
+        let mut out = Vec::new();
+        let e = decompress_capped(&packed[..], &mut out, 1 << 20, "m").unwrap_err();
+        assert!(e.to_string().contains("more than 1048576 bytes"), "{e}");
+        assert!(out.len() <= (1 << 20) + 1);
+        let mut out = Vec::new();
+        decompress_capped(&packed[..], &mut out, 10 << 20, "m").unwrap();
+        assert_eq!(out.len(), 10 << 20);
+    }
+
+    #[test]
+    fn views_and_triggers_are_refused() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch("CREATE TABLE nodes (x); CREATE VIEW v AS SELECT 1;")
+            .unwrap();
+        let e = check_schema(&c, "m").unwrap_err().to_string();
+        assert!(e.contains("view"), "{e}");
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch("CREATE TABLE nodes (x); CREATE INDEX i ON nodes (x);")
+            .unwrap();
+        check_schema(&c, "m").unwrap();
+    }
+}

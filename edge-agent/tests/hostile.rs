@@ -1,0 +1,270 @@
+//! A hostile bucket: whoever can write to it can encrypt to the public key, so snapshot
+//! metadata read back is attacker-controlled. These tests forge metadata with the stock
+//! `age`, `zstd` and `sqlite3` tools, as such a writer would, and check that restore and
+//! fetch never write outside their target, refuse and name what breaks the rules, and
+//! still restore the rest.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+struct Forged {
+    t: tempfile::TempDir,
+    key: Key,
+    src: std::path::PathBuf,
+    outside: std::path::PathBuf,
+}
+
+impl Forged {
+    /// A backup of `src/keep.txt` and `src/d/f.txt`, and an empty directory outside.
+    fn new() -> Self {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::write(src.join("keep.txt"), b"keep me").unwrap();
+        std::fs::write(src.join("d/f.txt"), b"precious content").unwrap();
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let key = keygen(t.path());
+        backup_ok(&local_config(t.path(), &[&src], &key, ""));
+        Forged {
+            t,
+            key,
+            src,
+            outside,
+        }
+    }
+
+    fn tamper(&self, sql: &str) {
+        tamper_metadata(&self.t.path().join("repo"), &self.key, sql);
+    }
+
+    fn run(&self, args: &[&str]) -> (Option<i32>, String) {
+        let env = [("VAULTIK_PRIVATE_KEY", self.key.secret.as_str())];
+        let repo = local_repo(self.t.path());
+        let mut a = vec![args[0], repo.as_str(), "", "latest"];
+        a.extend_from_slice(&args[1..]);
+        let out = vaultik(&a, &env);
+        (out.status.code(), stderr(&out))
+    }
+
+    fn outside_is_empty(&self) {
+        let left: Vec<_> = std::fs::read_dir(&self.outside)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "restore wrote outside its target: {left:?}"
+        );
+    }
+}
+
+fn node(path: &str, kind: &str, mode: u32, size: usize, target: &str) -> String {
+    format!("({path}, '{kind}', {mode}, 0, 0, {size}, 0, {target}, 0, 0, 0)")
+}
+
+#[test]
+fn restore_never_writes_through_a_symlink_in_the_snapshot() {
+    let f = Forged::new();
+    let a = f.src.join("a");
+    let x = |p: &Path| stored(p);
+    let abs = |p: &Path| format!("X'{}'", hex::encode(p.as_os_str().as_encoded_bytes()));
+    let rows = [
+        node(&x(&a), "symlink", 0o120777, 0, &abs(&f.outside)),
+        node(&x(&a.join("file")), "file", 0o100644, 16, "NULL"),
+        node(&x(&a.join("dir")), "dir", 0o40755, 0, "NULL"),
+        node(
+            &x(&a.join("sym")),
+            "symlink",
+            0o120777,
+            0,
+            &abs(Path::new("/etc/passwd")),
+        ),
+        node(
+            &x(&a.join("hl")),
+            "hardlink",
+            0o100644,
+            0,
+            &x(&f.src.join("d/f.txt")),
+        ),
+        node(
+            &x(&f.src.join("hl-to-symlink")),
+            "hardlink",
+            0o100644,
+            0,
+            &x(&a),
+        ),
+        node(
+            &x(&f.src.join("hl-to-dir")),
+            "hardlink",
+            0o100644,
+            0,
+            &x(&f.src.join("d")),
+        ),
+    ];
+    f.tamper(&format!(
+        "INSERT INTO nodes (path, kind, mode, uid, gid, size, mtime_ns, target, dev, ino, ctime_ns) VALUES {};
+         INSERT INTO file_chunks SELECT (SELECT id FROM nodes WHERE path = {}), seq, offset, chunk_id
+           FROM file_chunks WHERE node_id = (SELECT id FROM nodes WHERE path = {});",
+        rows.join(", "),
+        x(&a.join("file")),
+        x(&f.src.join("d/f.txt")),
+    ));
+
+    let target = f.t.path().join("r");
+    let (code, err) = f.run(&["restore", target.to_str().unwrap()]);
+    f.outside_is_empty();
+    assert_eq!(code, Some(3), "{err}");
+    for refused in [
+        "a/file",
+        "a/dir",
+        "a/sym",
+        "a/hl",
+        "hl-to-symlink",
+        "hl-to-dir",
+    ] {
+        let line = format!("hostile entry refused: {}", f.src.join(refused).display());
+        assert!(err.contains(&line), "{line} missing from:\n{err}");
+    }
+    let back = restored(&target, &f.src);
+    assert_eq!(std::fs::read(back.join("keep.txt")).unwrap(), b"keep me");
+    assert_eq!(
+        std::fs::read(back.join("d/f.txt")).unwrap(),
+        b"precious content"
+    );
+    assert_eq!(std::fs::read_link(back.join("a")).unwrap(), f.outside);
+
+    // fetch obeys the same rules, for the entry itself and for a directory above it.
+    for what in [a.join("file"), f.src.clone()] {
+        let got = f.t.path().join(format!(
+            "got-{}",
+            what.file_name().unwrap().to_string_lossy()
+        ));
+        let (code, err) = f.run(&["fetch", what.to_str().unwrap(), got.to_str().unwrap()]);
+        f.outside_is_empty();
+        assert_eq!(code, Some(3), "{err}");
+        assert!(err.contains("hostile entry refused"), "{err}");
+    }
+}
+
+#[test]
+fn restore_does_not_follow_a_symlink_already_in_the_target() {
+    let f = Forged::new();
+    let target = f.t.path().join("r");
+    std::fs::create_dir(&target).unwrap();
+    // The first component of every stored path is "tmp" (or whatever holds the test).
+    let first = f.src.components().nth(1).unwrap();
+    std::os::unix::fs::symlink(&f.outside, target.join(first)).unwrap();
+    let (code, err) = f.run(&["restore", target.to_str().unwrap()]);
+    f.outside_is_empty();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&target.join(first).display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn hostile_numbers_and_chunk_lists_mark_files_damaged_not_abort() {
+    let f = Forged::new();
+    let repo = f.t.path().join("repo");
+    let pristine = f.t.path().join("pristine");
+    copy_dir(&repo.join("index"), &pristine);
+    let victim = stored(&f.src.join("d/f.txt"));
+    let cases = [
+        (
+            format!("UPDATE nodes SET size = size + 1 WHERE path = {victim}"),
+            "damaged",
+            "its chunks hold",
+        ),
+        (
+            format!(
+                "UPDATE file_chunks SET offset = -5 WHERE node_id = (SELECT id FROM nodes WHERE path = {victim})"
+            ),
+            "damaged",
+            "starts at -5",
+        ),
+        ("DELETE FROM blobs".into(), "damaged", "no stored location"),
+        (
+            format!(
+                "UPDATE file_chunks SET chunk_id = X'00' WHERE node_id = (SELECT id FROM nodes WHERE path = {victim})"
+            ),
+            "damaged",
+            "1-byte id",
+        ),
+        (
+            format!("UPDATE nodes SET uid = -1 WHERE path = {victim}"),
+            "hostile entry refused",
+            "owner -1",
+        ),
+        (
+            format!("UPDATE nodes SET mode = 'x' WHERE path = {victim}"),
+            "hostile entry refused",
+            "mode",
+        ),
+    ];
+    for (sql, kind, why) in cases {
+        copy_dir(&pristine, &repo.join("index"));
+        f.tamper(&sql);
+        let target = f.t.path().join("r");
+        let _ = std::fs::remove_dir_all(&target);
+        let (code, err) = f.run(&["restore", target.to_str().unwrap(), "-q"]);
+        assert_eq!(code, Some(3), "{sql}: {err}");
+        assert!(
+            err.contains(kind) && err.contains("f.txt") && err.contains(why),
+            "{sql}: {err}"
+        );
+        // The other file is whole, or (with no blob rows at all) also reported damaged.
+        let keep = restored(&target, &f.src).join("keep.txt");
+        assert!(
+            std::fs::read(&keep).unwrap() == b"keep me" || err.contains("keep.txt"),
+            "{sql}: {err}"
+        );
+    }
+}
+
+#[test]
+fn metadata_with_views_or_triggers_is_refused() {
+    let f = Forged::new();
+    f.tamper("CREATE VIEW evil AS SELECT 1");
+    let target = f.t.path().join("r");
+    let (code, err) = f.run(&["restore", target.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("not vaultik metadata") && err.contains("view"),
+        "{err}"
+    );
+    assert!(!target.exists());
+}
+
+#[test]
+fn fetch_of_a_directory_restores_its_whole_subtree() {
+    let f = Forged::new();
+    std::fs::write(f.src.join("d/g.txt"), b"second").unwrap();
+    std::fs::create_dir(f.src.join("d/sub")).unwrap();
+    std::fs::write(f.src.join("d/sub/h.txt"), b"deeper").unwrap();
+    backup_ok(&local_config(f.t.path(), &[&f.src], &f.key, ""));
+    let d = f.src.join("d");
+    // Into an existing directory, and as a new path.
+    let into = f.t.path().join("into");
+    std::fs::create_dir(&into).unwrap();
+    let (code, err) = f.run(&["fetch", d.to_str().unwrap(), into.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_same_tree(&d, &into.join("d"));
+    let fresh = f.t.path().join("fresh");
+    let (code, err) = f.run(&["fetch", d.to_str().unwrap(), fresh.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_same_tree(&d, &fresh);
+    // A path that is not in the snapshot is an error that names it as typed.
+    let typed = format!("{}/nope", d.display());
+    let (code, err) = f.run(&["fetch", &typed, f.t.path().join("x").to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{typed} is not in the snapshot")),
+        "{err}"
+    );
+}
