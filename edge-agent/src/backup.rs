@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::index::{BlobDone, FileStat, Index, NewNode};
 use crate::pack::{BLOB_MAGIC, BlobId, BlobLayout};
 use crate::progress::Progress;
-use crate::scan::{Entry, Excludes, Visit, relative_bytes, walk};
+use crate::scan::{Entry, Excludes, Visit, relative_bytes, resolve_roots, walk};
 use crate::snapshot::{MANIFEST_FORMAT, METADATA_FORMAT, Manifest, NodeKind, SnapshotId, Summary};
 use crate::store::Repo;
 
@@ -67,6 +67,10 @@ struct Frame {
 pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     let started = Instant::now();
     let recipients = Recipients::parse(&config.recipients)?;
+    let roots = resolve_roots(&config.source_dirs)?;
+    for note in &roots.notes {
+        opts.progress.warn(note);
+    }
     let excludes =
         Excludes::new(&config.exclude).map_err(|message| crate::config::ConfigError::Invalid {
             path: "exclude".into(),
@@ -126,7 +130,7 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     };
     let mut walk_skipped = Vec::new();
     let walked = walk(
-        &config.source_dirs,
+        &roots.paths,
         &excludes,
         |e| scan.visit(e),
         |path, err| {
@@ -171,8 +175,8 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i64);
     let hostname = config.hostname.clone().unwrap_or_else(hostname);
-    let sources: Vec<String> = config
-        .source_dirs
+    let sources: Vec<String> = roots
+        .paths
         .iter()
         .map(|p| p.display().to_string())
         .collect();

@@ -75,8 +75,15 @@ impl Destination {
                 root: PathBuf::from(path),
                 prefix: String::new(),
             })
+        } else if url.starts_with('/') {
+            Ok(Destination::Local {
+                root: PathBuf::from(url),
+                prefix: String::new(),
+            })
         } else {
-            Err(err("expected s3://bucket/prefix or file:///path"))
+            Err(err(
+                "expected s3://bucket/prefix, file:///path or an absolute path",
+            ))
         }
     }
 
@@ -87,8 +94,15 @@ impl Destination {
         prefix: &str,
         s3_defaults: Option<&S3Target>,
     ) -> Result<Self, ConfigError> {
-        let mut dest = if bucket.contains("://") {
+        let mut dest = if bucket.contains("://") || bucket.starts_with('/') {
             Destination::from_url(bucket)?
+        } else if bucket.contains('/') {
+            return Err(ConfigError::Destination {
+                url: bucket.to_string(),
+                message:
+                    "not a bucket name: for a local directory give an absolute path or file:///path"
+                        .into(),
+            });
         } else {
             let mut target = s3_defaults.cloned().unwrap_or_default();
             target.bucket = bucket.to_string();
@@ -187,10 +201,65 @@ impl<'de> Deserialize<'de> for Interval {
     }
 }
 
+/// A `source_dirs` entry: a path, or `{ path: /mnt/usb, optional: true }` for a source
+/// that may be absent (an unplugged disk) without failing the backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceDir {
+    pub path: PathBuf,
+    pub optional: bool,
+}
+
+impl<'de> Deserialize<'de> for SourceDir {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            path: PathBuf,
+            #[serde(default)]
+            optional: bool,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Path(PathBuf),
+            Full(Full),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::Path(path)) => Ok(SourceDir {
+                path,
+                optional: false,
+            }),
+            Ok(Raw::Full(f)) => Ok(SourceDir {
+                path: f.path,
+                optional: f.optional,
+            }),
+            Err(_) => Err(serde::de::Error::custom(
+                "expected a path, or a map with `path` and `optional`",
+            )),
+        }
+    }
+}
+
+/// Checks a configured source path: absolute, and no `.` or `..` component (which
+/// would be stored as such and refused at restore).
+fn check_source(dir: &Path) -> Result<(), String> {
+    if !dir.is_absolute() {
+        return Err(format!("{} is not an absolute path", dir.display()));
+    }
+    let bytes = dir.as_os_str().as_encoded_bytes();
+    if bytes.split(|b| *b == b'/').any(|c| c == b"." || c == b"..") {
+        return Err(format!(
+            "{} has a `.` or `..` component: write the path it means",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    source_dirs: Vec<PathBuf>,
+    source_dirs: Vec<SourceDir>,
     #[serde(default)]
     exclude: Vec<String>,
     #[serde(default)]
@@ -224,7 +293,7 @@ struct RawConfig {
 /// A validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub source_dirs: Vec<PathBuf>,
+    pub source_dirs: Vec<SourceDir>,
     pub exclude: Vec<String>,
     pub recipients: Vec<String>,
     pub destination: Destination,
@@ -325,15 +394,9 @@ impl Config {
         let index_path = raw
             .index_path
             .unwrap_or_else(|| PathBuf::from("/var/lib/vaultik/index.sqlite"));
-        let mut source_dirs = Vec::with_capacity(raw.source_dirs.len());
-        for dir in raw.source_dirs {
-            if !dir.is_absolute() {
-                return Err(invalid(format!(
-                    "source_dirs: {} is not an absolute path",
-                    dir.display()
-                )));
-            }
-            source_dirs.push(dir);
+        let source_dirs = raw.source_dirs;
+        for dir in &source_dirs {
+            check_source(&dir.path).map_err(|e| invalid(format!("source_dirs: {e}")))?;
         }
         crate::scan::Excludes::new(&raw.exclude).map_err(|e| invalid(format!("exclude: {e}")))?;
         Ok(Config {
@@ -428,7 +491,41 @@ mod tests {
         let d = Destination::from_bucket_arg("s3://b/x/", "/host1/", None).unwrap();
         assert_eq!(d.prefix(), "x/host1");
         assert!(Destination::from_url("ftp://x").is_err());
+        let bare = Destination::from_bucket_arg("/mnt/usb/backups", "", None).unwrap();
+        assert_eq!(
+            bare,
+            Destination::Local {
+                root: "/mnt/usb/backups".into(),
+                prefix: String::new()
+            }
+        );
+        let e = Destination::from_bucket_arg("usb/backups", "", None).unwrap_err();
+        assert!(e.to_string().contains("file:///path"), "{e}");
         assert!(Destination::from_url("file://relative").is_err());
+    }
+
+    #[test]
+    fn source_dirs_are_checked_and_may_be_optional() {
+        let c = parse(&SEED.replace(
+            "  - /home/user/data",
+            "  - { path: /mnt/usb, optional: true }",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.source_dirs[1],
+            SourceDir {
+                path: "/mnt/usb".into(),
+                optional: true
+            }
+        );
+        let e = parse(&SEED.replace("/home/user/data", "/home/../etc"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/home/../etc") && e.contains("`..`"), "{e}");
+        let e = parse(&SEED.replace("/home/user/data", "home"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not an absolute path"), "{e}");
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error(transparent)]
     Prune(#[from] crate::prune::PruneError),
+    #[error(transparent)]
+    Source(#[from] crate::scan::SourceError),
     #[error("local index {path}: {source}")]
     Index {
         path: PathBuf,

@@ -69,6 +69,72 @@ pub enum Visit {
     SkipChildren,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(
+        "source {path}: {source} (nothing was backed up; mark it `optional: true` in source_dirs if it may be absent)"
+    )]
+    Unavailable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no source is present (all are optional and missing): nothing to back up")]
+    NonePresent,
+}
+
+/// The roots a backup walks, resolved, and what the user should hear about them.
+#[derive(Debug, Default)]
+pub struct Roots {
+    pub paths: Vec<PathBuf>,
+    pub notes: Vec<String>,
+}
+
+/// Resolves configured sources to real paths (symlinks on the way are followed, so the
+/// snapshot holds what they point at) and checks that each can be read. A missing or
+/// unreadable source fails the backup unless it is optional: an unmounted disk must not
+/// produce an empty snapshot that becomes `latest`.
+pub fn resolve_roots(sources: &[crate::config::SourceDir]) -> Result<Roots, SourceError> {
+    let mut roots = Roots::default();
+    for s in sources {
+        let readable = std::fs::canonicalize(&s.path).and_then(|real| {
+            if real.is_dir() {
+                std::fs::read_dir(&real)?;
+            } else {
+                std::fs::File::open(&real)?;
+            }
+            Ok(real)
+        });
+        match readable {
+            Ok(real) => {
+                if real != s.path {
+                    roots.notes.push(format!(
+                        "note: source {} resolves to {} (a symlink on the way); backing up {}",
+                        s.path.display(),
+                        real.display(),
+                        real.display()
+                    ));
+                }
+                roots.paths.push(real);
+            }
+            Err(e) if s.optional => roots.notes.push(format!(
+                "note: optional source {} is not available ({e}); skipped",
+                s.path.display()
+            )),
+            Err(source) => {
+                return Err(SourceError::Unavailable {
+                    path: s.path.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    if roots.paths.is_empty() {
+        return Err(SourceError::NonePresent);
+    }
+    Ok(roots)
+}
+
 /// Keeps only roots that are not inside another root, sorted.
 pub fn normalize_roots(roots: &[PathBuf]) -> Vec<PathBuf> {
     let mut r: Vec<PathBuf> = roots.iter().map(|p| p.components().collect()).collect();

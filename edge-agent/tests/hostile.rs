@@ -268,3 +268,41 @@ fn fetch_of_a_directory_restores_its_whole_subtree() {
         "{err}"
     );
 }
+
+#[test]
+fn a_foreign_manifest_is_skipped_and_stops_prune() {
+    let f = Forged::new();
+    // A manifest-named object that does not decrypt with our key (another repository's).
+    let stranger = keygen(&f.t.path().join("stranger").tap_mkdir());
+    let foreign =
+        f.t.path()
+            .join("repo/index/00112233445566778899aabbccddeeff.snapshot");
+    let st = std::process::Command::new("age")
+        .args(["-r", &stranger.public, "-o"])
+        .arg(&foreign)
+        .arg(&stranger.file)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let env = [("VAULTIK_PRIVATE_KEY", f.key.secret.as_str())];
+    let repo = local_repo(f.t.path());
+    let out = vaultik(&["snapshots", &repo, ""], &env);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("skipped") && err.contains("00112233445566778899aabbccddeeff"),
+        "{err}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    let target = f.t.path().join("r");
+    let (code, err) = f.run(&["restore", target.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let out = vaultik(&["prune", &repo, "", "--keep-last", "1"], &env);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("deletes nothing") && err.contains("00112233"),
+        "{err}"
+    );
+    assert!(foreign.exists());
+}

@@ -454,42 +454,81 @@ fn bad_input_gets_a_one_line_error_naming_the_problem() {
     );
 }
 
-trait TapMkdir {
-    fn tap_mkdir(self) -> Self;
-}
-impl TapMkdir for std::path::PathBuf {
-    fn tap_mkdir(self) -> Self {
-        std::fs::create_dir_all(&self).unwrap();
-        self
-    }
-}
-
 #[test]
-fn unreadable_source_file_is_skipped_with_exit_3() {
+fn missing_source_fails_the_backup_unless_optional() {
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("ok.txt"), b"fine").unwrap();
-    // Tests run as root, for whom permission bits do not stop reads: a source directory
-    // that does not exist is the unreadable entry here.
     let key = keygen(t.path());
-    let cfg = local_config(t.path(), &[&src, &t.path().join("missing")], &key, "");
+    let missing = t.path().join("usb-disk");
+    // An unmounted disk: no snapshot, exit 1, and the message names it.
+    let cfg = local_config(t.path(), &[&src, &missing], &key, "");
     let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(3), "{err}");
-    assert!(err.contains("missing") && err.contains("skipped"), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&missing.display().to_string()) && err.contains("optional"),
+        "{err}"
+    );
     let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
     let repo = local_repo(t.path());
+    assert!(
+        !t.path().join("repo/index").exists(),
+        "a snapshot was written"
+    );
+    // Marked optional, it is skipped with a note and the rest is backed up.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!(", {}]", missing.display()),
+        &format!(", {{path: {}, optional: true}}]", missing.display()),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("optional source") && err.contains("skipped"),
+        "{err}"
+    );
+    assert_eq!(snapshot_list(&repo, "", &env).len(), 1);
+}
+
+#[test]
+fn sources_through_symlinks_back_up_and_restore_their_real_paths() {
+    let t = tempfile::tempdir().unwrap();
+    let real = t.path().join("real");
+    std::fs::create_dir_all(real.join("data/sub")).unwrap();
+    std::fs::write(real.join("data/sub/f.txt"), b"through a link").unwrap();
+    // One source below a symlinked ancestor, one that is itself a symlink.
+    std::os::unix::fs::symlink(&real, t.path().join("link")).unwrap();
+    std::os::unix::fs::symlink(real.join("data/sub"), t.path().join("sublink")).unwrap();
+    let key = keygen(t.path());
+    let cfg = local_config(
+        t.path(),
+        &[&t.path().join("link/data"), &t.path().join("sublink")],
+        &key,
+        "",
+    );
+    let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("resolves to"), "{err}");
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let repo = local_repo(t.path());
+    // A bare absolute path works where a destination is expected.
+    let bare = t.path().join("repo");
+    let snaps = snapshot_list(bare.to_str().unwrap(), "", &env);
+    assert_eq!(
+        snaps[0]["source_dirs"][0].as_str().unwrap(),
+        real.join("data").to_str().unwrap()
+    );
     let target = t.path().join("r");
     let out = vaultik(
         &["restore", &repo, "", "latest", target.to_str().unwrap()],
         &env,
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(
-        std::fs::read(restored(&target, &src).join("ok.txt")).unwrap(),
-        b"fine"
-    );
+    assert_same_tree(&real.join("data"), &restored(&target, &real.join("data")));
 }
 
 #[test]

@@ -624,3 +624,14 @@ pub fn stored(p: &Path) -> String {
     let b = p.as_os_str().as_bytes();
     format!("X'{}'", hex::encode(b.strip_prefix(b"/").unwrap_or(b)))
 }
+
+/// Creates a directory in passing: `dir.join("x").tap_mkdir()`.
+pub trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+impl TapMkdir for std::path::PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
