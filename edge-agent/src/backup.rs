@@ -238,13 +238,25 @@ fn hostname() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Nanoseconds since the epoch, clamped to what an i64 holds (years 1677..2262).
+fn time_ns(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
+/// True when a time lies outside what [`time_ns`] represents exactly.
+fn time_clamped(secs: i64) -> bool {
+    secs.checked_mul(1_000_000_000)
+        .and_then(|n| n.checked_add(999_999_999))
+        .is_none()
+}
+
 fn stat_of(meta: &std::fs::Metadata) -> FileStat {
     FileStat {
         dev: meta.dev(),
         ino: meta.ino(),
         size: meta.size(),
-        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-        ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        mtime_ns: time_ns(meta.mtime(), meta.mtime_nsec()),
+        ctime_ns: time_ns(meta.ctime(), meta.ctime_nsec()),
     }
 }
 
@@ -279,6 +291,14 @@ impl Scanner<'_> {
         let ft = e.meta.file_type();
         let rel = relative_bytes(&e.path);
         let stat = stat_of(&e.meta);
+        if time_clamped(e.meta.mtime()) {
+            self.progress.warn(&format!(
+                "warning: {}: modification time {} s since 1970 is outside 1677..2262; stored as {} ns",
+                e.path.display(),
+                e.meta.mtime(),
+                stat.mtime_ns
+            ));
+        }
         let mut node = NewNode {
             path: rel,
             kind: NodeKind::File,
@@ -580,4 +600,18 @@ fn upload_metadata(
     let age_w = z.finish().map_err(io_err)?;
     let up = age_w.finish().map_err(io_err)?;
     Ok(up.finish()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn far_times_clamp_instead_of_wrapping() {
+        assert_eq!(time_ns(1, 5), 1_000_000_005);
+        assert_eq!(time_ns(i64::MAX / 10, 0), i64::MAX);
+        assert_eq!(time_ns(i64::MIN / 10, 0), i64::MIN);
+        assert!(time_clamped(32_503_680_000)); // year 3000
+        assert!(!time_clamped(1_800_000_000));
+    }
 }

@@ -155,7 +155,8 @@ pub fn parse_blob(blob: &str, plain: &[u8]) -> Result<Vec<Placement>, FormatErro
             clen: u32::from_le_bytes(e[40..44].try_into().map_err(|_| bad("entry"))?),
             ulen: u32::from_le_bytes(e[44..48].try_into().map_err(|_| bad("entry"))?),
         };
-        if p.offset < 8 || p.offset + u64::from(p.clen) > data_end {
+        let end = p.offset.checked_add(u64::from(p.clen));
+        if p.offset < 8 || end.is_none_or(|e| e > data_end) {
             return Err(bad("trailer entry points outside the data region"));
         }
         out.push(p);
@@ -232,6 +233,11 @@ mod tests {
         let n = huge.len() - 12;
         huge[n..n + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(parse_blob("b", &huge).is_err());
+        // An entry whose offset + length wraps around u64 (once a panic in verify).
+        let mut wrap = plain.clone();
+        let at = wrap.len() - 12 - ENTRY_LEN + 32;
+        wrap[at..at + 8].copy_from_slice(&(u64::MAX - 2).to_le_bytes());
+        assert!(parse_blob("b", &wrap).is_err());
         let p = entries[0];
         let frame = &plain[p.offset as usize..(p.offset + u64::from(p.clen)) as usize];
         let mut flipped = frame.to_vec();

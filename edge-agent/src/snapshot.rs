@@ -94,8 +94,16 @@ impl Manifest {
         {
             return Err("manifest agent is not an agent id".into());
         }
-        if m.hostname.len() > 255 || m.hostname.chars().any(char::is_control) {
-            return Err("manifest hostname is not a host name".into());
+        if m.hostname.len() > 255 {
+            return Err("manifest hostname is longer than a host name can be".into());
+        }
+        // These strings reach terminals: no escape sequences.
+        let printable = |s: &str| !s.chars().any(char::is_control);
+        if !printable(&m.hostname)
+            || !printable(&m.time)
+            || !m.source_dirs.iter().all(|d| printable(d))
+        {
+            return Err("manifest holds control characters".into());
         }
         if m.metadata_hash.len() != 64 {
             return Err("manifest metadata hash is not a BLAKE3 hash".into());
