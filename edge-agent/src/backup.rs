@@ -337,7 +337,7 @@ impl Scanner<'_> {
             }
             node.size = stat.size;
             let id = self.index.insert_node(&node)?;
-            self.copy_xattrs(&e.path, id);
+            self.copy_xattrs(&e.path, id)?;
             return self.file(&e.path, id, stat).map(|_| Visit::Continue);
         } else {
             self.progress.warn(&format!(
@@ -350,7 +350,7 @@ impl Scanner<'_> {
             return Ok(Visit::Continue);
         }
         let id = self.index.insert_node(&node)?;
-        self.copy_xattrs(&e.path, id);
+        self.copy_xattrs(&e.path, id)?;
         Ok(Visit::Continue)
     }
 
@@ -360,15 +360,34 @@ impl Scanner<'_> {
         self.skipped.push(line);
     }
 
-    fn copy_xattrs(&mut self, path: &Path, node: i64) {
-        let Ok(names) = xattr::list(path) else { return };
+    /// Records a node's extended attributes. One that cannot be read is a warning and
+    /// makes the backup end with exit 3, like an unreadable file.
+    fn copy_xattrs(&mut self, path: &Path, node: i64) -> Result<()> {
+        let names = match xattr::list(path) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(()),
+            Err(e) => {
+                self.skip_xattrs(path, &e);
+                return Ok(());
+            }
+        };
         for name in names {
-            if let Ok(Some(value)) = xattr::get(path, &name)
-                && let Err(e) = self.index.insert_xattr(node, name.as_bytes(), &value)
-            {
-                self.skip(path, &e);
+            match xattr::get(path, &name) {
+                Ok(Some(value)) => self.index.insert_xattr(node, name.as_bytes(), &value)?,
+                Ok(None) => {} // removed since it was listed
+                Err(e) => self.skip_xattrs(path, &e),
             }
         }
+        Ok(())
+    }
+
+    fn skip_xattrs(&mut self, path: &Path, err: &dyn std::fmt::Display) {
+        let line = format!(
+            "warning: extended attributes of {} not backed up: {err}",
+            path.display()
+        );
+        self.progress.warn(&line);
+        self.skipped.push(line);
     }
 
     fn file(&mut self, path: &Path, node: i64, stat: FileStat) -> Result<()> {

@@ -33,6 +33,10 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "another backup is running with the index {0} (it holds {0}.lock); wait for it to finish"
+    )]
+    Busy(PathBuf),
     #[error("snapshot {0} not found (run `vaultik snapshots` to list them)")]
     SnapshotNotFound(String),
     #[error("snapshot id {0} is ambiguous: it matches {1} snapshots")]

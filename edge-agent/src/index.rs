@@ -96,11 +96,45 @@ pub struct Index {
     salvage_cutoff_ns: i64,
     /// Things the user should hear about once (a damaged index, a recovered run).
     notices: Vec<String>,
+    /// Held while a backup uses the index (`<index>.lock`).
+    _lock: Option<std::fs::File>,
+}
+
+/// Takes `<index>.lock`; another backup holding it is an error that says so.
+fn lock_state(path: &Path) -> Result<std::fs::File> {
+    let lock_path = beside(path, ".lock");
+    private_file(&lock_path)?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io("opening", &lock_path, e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Busy(path.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io("locking", &lock_path, e)),
+    }
+}
+
+/// Moves a corrupt index aside and returns the warning to show.
+fn set_aside(path: &Path, reason: &rusqlite::Error) -> Result<String> {
+    // A damaged index only costs re-uploading: set it aside and start afresh.
+    let aside = beside(path, ".damaged");
+    std::fs::rename(path, &aside)
+        .map_err(|err| Error::io("moving aside damaged index", path, err))?;
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(beside(path, suffix));
+    }
+    Ok(format!(
+        "warning: local index {} is damaged ({reason}); it was moved to {} and a new one started, so this backup uploads everything again",
+        path.display(),
+        aside.display()
+    ))
 }
 
 /// Opens the index database, checking that it is intact.
 fn open_checked(path: &Path) -> std::result::Result<Connection, rusqlite::Error> {
     let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
     conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
     let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
     if check != "ok" {
@@ -121,42 +155,80 @@ fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
     }
 }
 
+/// A path next to the index: `index.sqlite` + `suffix`.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// Creates `path` (if missing) readable by its owner only, and tightens an existing
+/// file. SQLite gives its journal and WAL files the mode of the database file.
+fn private_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|_| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)))
+        .map_err(|e| Error::io("creating", path, e))
+}
+
+/// Only real corruption justifies setting an index aside; a locked or unreadable one
+/// is an error to report.
+fn is_corrupt(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
+}
+
 impl Index {
+    /// Opens (or creates) the index for a backup. Takes the state lock first, so a
+    /// second backup with the same index stops with a clear error.
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
                 .map_err(|e| Error::io("creating index directory", dir, e))?;
         }
+        let lock = lock_state(path)?;
+        private_file(path)?;
         let mut notices = Vec::new();
         let conn = match open_checked(path) {
             Ok(c) => c,
-            Err(reason) => {
-                // A damaged index only costs re-uploading: set it aside and start afresh.
-                let mut aside = path.as_os_str().to_owned();
-                aside.push(".damaged");
-                std::fs::rename(path, &aside)
-                    .map_err(|err| Error::io("moving aside damaged index", path, err))?;
-                for suffix in ["-wal", "-shm"] {
-                    let mut p = path.as_os_str().to_owned();
-                    p.push(suffix);
-                    let _ = std::fs::remove_file(p);
-                }
-                notices.push(format!(
-                    "warning: local index {} is damaged ({reason}); it was moved to {} and a new one started, so this backup uploads everything again",
-                    path.display(),
-                    PathBuf::from(&aside).display()
-                ));
+            Err(reason) if is_corrupt(&reason) => {
+                notices.push(set_aside(path, &reason)?);
+                private_file(path)?;
                 open_checked(path).map_err(sql_err(path))?
             }
+            Err(reason) => return Err(sql_err(path)(reason)),
         };
-        let mut run_path = path.as_os_str().to_owned();
-        run_path.push("-run");
         Ok(Index {
             conn,
             path: path.to_path_buf(),
-            run_path: PathBuf::from(run_path),
+            run_path: beside(path, "-run"),
             salvage_cutoff_ns: 0,
             notices,
+            _lock: Some(lock),
+        })
+    }
+
+    /// Opens an existing index without changing anything (agent-side verify).
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(sql_err(path))?;
+        Ok(Index {
+            conn,
+            path: path.to_path_buf(),
+            run_path: beside(path, "-run"),
+            salvage_cutoff_ns: 0,
+            notices: Vec::new(),
+            _lock: None,
         })
     }
 
@@ -284,6 +356,7 @@ impl Index {
                 Err(err) => return Err(Error::io("removing stale run database", p, err)),
             }
         }
+        private_file(&self.run_path)?;
         let run = self.run_path.to_string_lossy().into_owned();
         self.conn
             .execute("ATTACH DATABASE ?1 AS run", [run])

@@ -306,7 +306,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         false,
                         rt.handle().clone(),
                     )?;
-                    let index = edge_agent::index::Index::open(&cfg.index_path)?;
+                    if !cfg.index_path.exists() {
+                        bail!(
+                            "no local index at {}: nothing to verify until a backup has run",
+                            cfg.index_path.display()
+                        );
+                    }
+                    let index = edge_agent::index::Index::open_read_only(&cfg.index_path)?;
                     edge_agent::verify::verify_from_index(&repo, &index)?
                 }
                 (None, None) => {

@@ -256,7 +256,13 @@ fn check_blob(
 /// (from its local index) exists with the right size.
 pub fn verify_from_index(repo: &Repo, index: &crate::index::Index) -> Result<Report> {
     let mut report = Report::default();
-    for (blob, size) in index.blob_sizes()? {
+    let blobs = index.blob_sizes()?;
+    if blobs.is_empty() {
+        return Err(crate::Error::Pipeline(
+            "the local index holds no completed snapshot: nothing to verify".into(),
+        ));
+    }
+    for (blob, size) in blobs {
         report.blobs += 1;
         let Some(id) = BlobId::parse(&blob) else {
             continue;
