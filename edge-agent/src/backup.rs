@@ -546,7 +546,7 @@ fn packer(
         let what = |e| Error::io("writing blob", blob.id.to_hex(), e);
         blob.w.write_all(&f.data).map_err(what)?;
         blob.layout.push(f.id, f.data.len() as u32, f.ulen);
-        if blob.layout.len() >= limit
+        if blob.layout.is_full(limit)
             && let Some(b) = open.take()
         {
             close_blob(b, &done)?;

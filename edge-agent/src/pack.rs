@@ -16,6 +16,9 @@ use crate::chunk::ChunkId;
 pub const BLOB_MAGIC: &[u8; 8] = b"VKBLOB\x00\x01";
 pub const TRAILER_MAGIC: &[u8; 8] = b"VKIDX\x00\x00\x01";
 pub const ENTRY_LEN: usize = 32 + 8 + 4 + 4;
+/// A blob is closed at this many chunks whatever its size, so that the entries a
+/// writer holds (and the trailer) stay small even for millions of tiny chunks.
+pub const MAX_CHUNKS: usize = 1 << 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
@@ -95,6 +98,11 @@ impl BlobLayout {
 
     pub fn len(&self) -> u64 {
         self.len
+    }
+
+    /// True once the blob should be closed: `limit` bytes or [`MAX_CHUNKS`] chunks.
+    pub fn is_full(&self, limit: u64) -> bool {
+        self.len >= limit || self.entries.len() >= MAX_CHUNKS
     }
 
     pub fn is_empty(&self) -> bool {
@@ -221,6 +229,20 @@ mod tests {
             let frame = &plain[p.offset as usize..(p.offset + u64::from(p.clen)) as usize];
             assert_eq!(open_frame(frame, p.ulen, p.chunk, &h).unwrap(), want);
         }
+    }
+
+    #[test]
+    fn blobs_close_at_a_size_or_a_chunk_count() {
+        let mut l = BlobLayout::new();
+        l.push(ChunkId([0; 32]), 100, 100);
+        assert!(!l.is_full(1000) && l.is_full(100));
+        let mut tiny = BlobLayout::new();
+        for _ in 0..MAX_CHUNKS - 1 {
+            tiny.push(ChunkId([0; 32]), 9, 0);
+        }
+        assert!(!tiny.is_full(u64::MAX));
+        tiny.push(ChunkId([0; 32]), 9, 0);
+        assert!(tiny.is_full(u64::MAX));
     }
 
     #[test]
