@@ -373,7 +373,12 @@ impl Scanner<'_> {
         };
         for name in names {
             match xattr::get(path, &name) {
-                Ok(Some(value)) => self.index.insert_xattr(node, name.as_bytes(), &value)?,
+                Ok(Some(value)) => {
+                    // The value travels as a chunk: it may hold file content.
+                    let id = self.hasher.id(&value);
+                    self.store_chunk(id, value)?;
+                    self.index.insert_xattr(node, name.as_bytes(), &id)?;
+                }
                 Ok(None) => {} // removed since it was listed
                 Err(e) => self.skip_xattrs(path, &e),
             }
@@ -422,12 +427,7 @@ impl Scanner<'_> {
             self.index.add_file_chunk(node, seq as u64, offset, &id)?;
             offset += len;
             self.progress.add_bytes(len);
-            if !self.pending.contains(&id) && !self.index.chunk_known(&id)? {
-                self.pending.insert(id);
-                self.summary.new_chunks += 1;
-                self.summary.new_bytes += len;
-                self.send(NewChunk { id, data })?;
-            }
+            self.store_chunk(id, data)?;
         }
         if offset != stat.size {
             // The file changed while it was read; record what was actually stored.
@@ -436,6 +436,17 @@ impl Scanner<'_> {
         self.summary.files += 1;
         self.summary.bytes += offset;
         self.summary.bytes_read += offset;
+        Ok(())
+    }
+
+    /// Queues a chunk for upload unless it is stored already or on its way.
+    fn store_chunk(&mut self, id: ChunkId, data: Vec<u8>) -> Result<()> {
+        if !self.pending.contains(&id) && !self.index.chunk_known(&id)? {
+            self.pending.insert(id);
+            self.summary.new_chunks += 1;
+            self.summary.new_bytes += data.len() as u64;
+            self.send(NewChunk { id, data })?;
+        }
         Ok(())
     }
 

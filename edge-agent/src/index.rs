@@ -422,12 +422,13 @@ impl Index {
         Ok(self.conn.last_insert_rowid())
     }
 
-    pub fn insert_xattr(&self, node: i64, name: &[u8], value: &[u8]) -> Result<()> {
+    /// Records an extended attribute whose value is stored as chunk `value`.
+    pub fn insert_xattr(&self, node: i64, name: &[u8], value: &ChunkId) -> Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO run.xattrs (node_id, name, value) VALUES (?1, ?2, ?3)",
+                "INSERT OR REPLACE INTO run.xattrs (node_id, name, chunk_id) VALUES (?1, ?2, ?3)",
             )
-            .and_then(|mut s| s.execute(params![node, name, value]))
+            .and_then(|mut s| s.execute(params![node, name, &value.0[..]]))
             .map(|_| ())
             .map_err(self.e())
     }
@@ -574,7 +575,8 @@ impl Index {
             .execute_batch(
                 "INSERT OR IGNORE INTO run.chunks
                      SELECT * FROM main.chunks WHERE id IN (SELECT chunk_id FROM run.file_chunks);
-                 DELETE FROM run.chunks WHERE id NOT IN (SELECT chunk_id FROM run.file_chunks);
+                 DELETE FROM run.chunks WHERE id NOT IN (SELECT chunk_id FROM run.file_chunks
+                     UNION SELECT chunk_id FROM run.xattrs WHERE chunk_id IS NOT NULL);
                  INSERT OR IGNORE INTO run.blobs
                      SELECT * FROM main.blobs WHERE id IN (SELECT blob_id FROM run.chunks);
                  INSERT OR IGNORE INTO run.blobs

@@ -150,8 +150,10 @@ struct PolicyArgs {
     /// Keep every snapshot within this long of the newest (e.g. 30d).
     #[arg(long, value_name = "DURATION", value_parser = edge_agent::prune::parse_duration)]
     keep_within: Option<Duration>,
-    /// Apply the rules per host, per host and set of paths, or per agent index.
-    #[arg(long, value_enum, default_value = "host")]
+    /// Apply the rules per agent index (each config's index is one agent), per host
+    /// name, or per host name and set of paths. Host names can be forged by anyone who
+    /// can write to the bucket; agent ids cannot be guessed.
+    #[arg(long, value_enum, default_value = "agent")]
     group_by: GroupArg,
 }
 

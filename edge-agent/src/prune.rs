@@ -19,7 +19,7 @@ use crate::crypt::Identities;
 use crate::error::{Error, Result};
 use crate::pack::BlobId;
 use crate::snapshot::{Manifest, SnapshotId};
-use crate::store::Repo;
+use crate::store::{Object, Repo};
 
 pub const DEFAULT_SAFETY_MARGIN: Duration = Duration::from_secs(48 * 3600);
 /// How far ahead of this machine's clock a manifest may be dated (clock skew).
@@ -53,11 +53,11 @@ fn nanos(d: Duration) -> i64 {
 /// How snapshots are grouped before retention rules apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GroupBy {
-    #[default]
     Host,
     /// Host and the set of backed-up paths (a "snapshot name").
     HostPaths,
     /// The agent index that made the snapshot.
+    #[default]
     Agent,
 }
 
@@ -408,34 +408,40 @@ pub fn plan(repo: &Repo, ids: &Identities, opts: &Options) -> Result<Plan> {
             .conn
             .prepare("SELECT id FROM blobs UNION SELECT blob_id FROM chunks")?;
         for id in q.query_map([], |r| r.get::<_, String>(0))? {
-            referenced.insert(id?);
+            // Compared in canonical form, so case cannot make a used blob look unused.
+            let id = id?;
+            referenced.insert(BlobId::parse(&id).map_or(id, |b| b.to_hex()));
         }
     }
     // Listed after the snapshots were read: anything a backup adds meanwhile is young.
     let index_objects = repo.list(&repo.index_dir())?;
+    // Only canonical keys count: an alias (other case, other directory) names nothing.
     let stored: Vec<StoredBlob> = repo
         .list(&repo.blobs_dir())?
         .into_iter()
-        .filter_map(|o| {
-            let id = o.key.rsplit('/').next()?.to_string();
-            Some(StoredBlob {
-                id,
+        .filter_map(|o| match repo.object(&o.key)? {
+            Object::Blob(id) => Some(StoredBlob {
+                id: id.to_hex(),
                 size: o.size,
                 modified_ns: o.modified_ns,
-            })
+            }),
+            _ => None,
         })
         .collect();
     let blobs = plan_blobs(&stored, &referenced, opts.margin, now);
-    let manifest_ids: HashSet<&str> = index_objects
+    let manifest_ids: HashSet<SnapshotId> = index_objects
         .iter()
-        .filter_map(|o| o.key.rsplit('/').next()?.strip_suffix(".snapshot"))
+        .filter_map(|o| match repo.object(&o.key)? {
+            Object::Manifest(id) => Some(id),
+            _ => None,
+        })
         .collect();
     let orphan_metadata = index_objects
         .iter()
         .filter(|o| o.modified_ns < cutoff)
-        .filter_map(|o| {
-            let id = o.key.rsplit('/').next()?.strip_suffix(".metadata")?;
-            (!manifest_ids.contains(id)).then(|| id.to_string())
+        .filter_map(|o| match repo.object(&o.key)? {
+            Object::Metadata(id) if !manifest_ids.contains(&id) => Some(id.to_string()),
+            _ => None,
         })
         .collect();
     Ok(Plan {

@@ -5,7 +5,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub const METADATA_FORMAT: u32 = 1;
+/// 2 stores extended attribute values as chunks (`xattrs.chunk_id`) instead of inline
+/// (`xattrs.value`), so no value is ever plaintext on the agent's disk.
+pub const METADATA_FORMAT: u32 = 2;
 /// 2 adds `agent`, the identity of the index that made the snapshot.
 pub const MANIFEST_FORMAT: u32 = 2;
 
@@ -88,11 +90,12 @@ impl Manifest {
         if SnapshotId::parse(&m.id).is_none() {
             return Err(format!("manifest id {:?} is not a snapshot id", m.id));
         }
-        if m.agent
-            .as_deref()
-            .is_some_and(|a| AgentId::parse(a).is_none())
-        {
-            return Err("manifest agent is not an agent id".into());
+        match (&m.agent, m.format) {
+            (Some(a), _) if AgentId::parse(a).is_none() => {
+                return Err("manifest agent is not an agent id".into());
+            }
+            (None, f) if f >= 2 => return Err("manifest has no agent id".into()),
+            _ => {}
         }
         if m.hostname.len() > 255 {
             return Err("manifest hostname is longer than a host name can be".into());
@@ -165,7 +168,8 @@ CREATE INDEX IF NOT EXISTS nodes_inode ON nodes (dev, ino);
 CREATE TABLE IF NOT EXISTS xattrs (
     node_id INTEGER NOT NULL,
     name BLOB NOT NULL,
-    value BLOB NOT NULL,
+    value BLOB,
+    chunk_id BLOB,
     PRIMARY KEY (node_id, name)
 ) WITHOUT ROWID;
 ";

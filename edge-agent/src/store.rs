@@ -90,6 +90,14 @@ pub struct Listed {
     pub modified_ns: i64,
 }
 
+/// What a listed key names, if it is exactly the key vaultik would write for that id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Object {
+    Blob(BlobId),
+    Manifest(SnapshotId),
+    Metadata(SnapshotId),
+}
+
 /// A repository: an object store, a key prefix, and the layout of keys below it.
 #[derive(Clone)]
 pub struct Repo {
@@ -216,6 +224,26 @@ impl Repo {
     /// The encrypted, compressed SQLite metadata database of a snapshot.
     pub fn metadata_key(&self, id: &SnapshotId) -> Key {
         self.key(&join_prefix(&self.index_prefix, &format!("{id}.metadata")))
+    }
+
+    /// Classifies a listed key. Anything that is not the canonical key of an id (other
+    /// case, other directory, extra suffix) is `None`: an alias must never make prune
+    /// read or delete the object it resembles.
+    pub fn object(&self, key: &str) -> Option<Object> {
+        let name = key.rsplit('/').next()?;
+        let obj = if let Some(id) = name.strip_suffix(".snapshot") {
+            Object::Manifest(SnapshotId::parse(id)?)
+        } else if let Some(id) = name.strip_suffix(".metadata") {
+            Object::Metadata(SnapshotId::parse(id)?)
+        } else {
+            Object::Blob(BlobId::parse(name)?)
+        };
+        let canonical = match obj {
+            Object::Blob(id) => self.blob_key(&id),
+            Object::Manifest(id) => self.manifest_key(&id),
+            Object::Metadata(id) => self.metadata_key(&id),
+        };
+        (canonical.as_ref() == key).then_some(obj)
     }
 
     /// Starts a streaming upload. Write to it, then call [`Upload::finish`]; dropping it

@@ -13,8 +13,7 @@ use crate::crypt::Identities;
 use crate::error::Result;
 use crate::pack::{BlobId, open_frame, parse_blob};
 use crate::restore::{Metadata, open_metadata, read_manifest};
-use crate::snapshot::SnapshotId;
-use crate::store::{Repo, StoreError};
+use crate::store::{Object, Repo, StoreError};
 
 /// How much blob data to download and check.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -110,7 +109,10 @@ pub fn verify(repo: &Repo, ids: &Identities, read: ReadData) -> Result<Report> {
     let stored: HashMap<String, u64> = repo
         .list(&repo.blobs_dir())?
         .into_iter()
-        .filter_map(|o| Some((o.key.rsplit('/').next()?.to_string(), o.size)))
+        .filter_map(|o| match repo.object(&o.key)? {
+            Object::Blob(id) => Some((id.to_hex(), o.size)),
+            _ => None,
+        })
         .collect();
     let mut to_read: BTreeMap<String, BlobRecord> = BTreeMap::new();
     let mut affected: HashMap<String, Vec<String>> = HashMap::new();
@@ -118,10 +120,7 @@ pub fn verify(repo: &Repo, ids: &Identities, read: ReadData) -> Result<Report> {
     let mut seen: HashSet<String> = HashSet::new();
     let mut checked: HashSet<String> = HashSet::new();
     for obj in repo.list(&repo.index_dir())? {
-        let Some(name) = obj.key.rsplit('/').next() else {
-            continue;
-        };
-        let Some(id) = name.strip_suffix(".snapshot").and_then(SnapshotId::parse) else {
+        let Some(Object::Manifest(id)) = repo.object(&obj.key) else {
             continue;
         };
         report.snapshots += 1;

@@ -306,3 +306,36 @@ fn a_foreign_manifest_is_skipped_and_stops_prune() {
     );
     assert!(foreign.exists());
 }
+
+#[test]
+fn a_lying_index_in_the_metadata_cannot_disorder_chunk_reads() {
+    let f = Forged::new();
+    // A descending index under the name restore would otherwise create itself.
+    f.tamper("CREATE INDEX chunks_blob ON chunks (blob_id, offset DESC)");
+    let target = f.t.path().join("r");
+    let (code, err) = f.run(&["restore", target.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_same_tree(&f.src, &restored(&target, &f.src));
+}
+
+#[test]
+fn duplicate_entries_are_refused_by_name() {
+    let f = Forged::new();
+    let keep = stored(&f.src.join("keep.txt"));
+    f.tamper(&format!(
+        "CREATE TABLE n2 AS SELECT * FROM nodes; DROP TABLE nodes;
+         CREATE TABLE nodes (id INTEGER, path BLOB, kind TEXT, mode INTEGER, uid INTEGER,
+             gid INTEGER, size INTEGER, mtime_ns INTEGER, target BLOB, dev INTEGER,
+             ino INTEGER, ctime_ns INTEGER);
+         INSERT INTO nodes SELECT * FROM n2;
+         INSERT INTO nodes SELECT id + 1000, path, kind, mode, uid, gid, 0, mtime_ns, target,
+             dev, ino, ctime_ns FROM n2 WHERE path = {keep};
+         DROP TABLE n2;"
+    ));
+    let target = f.t.path().join("r");
+    let (code, err) = f.run(&["restore", target.to_str().unwrap()]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("appears twice"), "{err}");
+    let back = restored(&target, &f.src);
+    assert_eq!(std::fs::read(back.join("keep.txt")).unwrap(), b"keep me");
+}

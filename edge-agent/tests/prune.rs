@@ -423,3 +423,48 @@ fn a_failed_manifest_upload_is_not_adopted_as_dedup_base() {
     backup_ok(&good);
     latest_restores_exactly(&env, t.path(), &src, "the backup after the failures");
 }
+
+/// Objects whose names only resemble ours (a manifest copy in another directory, a
+/// blob or metadata name in upper case) must not make prune forget, or delete, the
+/// objects they resemble.
+#[test]
+fn alias_object_names_cannot_make_prune_delete_what_it_keeps() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src").tap_mkdir();
+    let key = keygen(t.path());
+    let env = s3_env(&s3.endpoint, &key);
+    let cfg = s3_config(t.path(), &s3.endpoint, "host1", &[&src], &key, "");
+    for seed in 0..3 {
+        write_file(
+            &src.join(format!("{seed}.bin")),
+            &pseudo_random(100_000, seed),
+        );
+        backup_ok(&cfg);
+    }
+    let root = s3.bucket_dir().join("host1");
+    let ids = snapshot_ids(&env);
+    for id in &ids {
+        let copy = root.join("index/alias").tap_mkdir();
+        std::fs::copy(
+            root.join(format!("index/{id}.snapshot")),
+            copy.join(format!("{id}.snapshot")),
+        )
+        .unwrap();
+        std::fs::copy(
+            root.join(format!("index/{id}.metadata")),
+            root.join(format!("index/{}.metadata", id.to_uppercase())),
+        )
+        .unwrap();
+    }
+    for (p, m) in common::walk(&root.join("blobs")) {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if m.is_file() && !name.contains('#') {
+            std::fs::copy(&p, p.with_file_name(name.to_uppercase())).unwrap();
+        }
+    }
+    age_bucket(&s3, 3 * 86_400);
+    prune(&env, &["--keep-last", "3"]);
+    assert_eq!(snapshot_ids(&env), ids);
+    latest_restores_exactly(&env, t.path(), &src, "prune among aliases");
+}

@@ -216,7 +216,7 @@ fn metadata_opens_with_stock_age_zstd_and_sqlite3() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
     assert!(lines[0].parse::<u32>().unwrap() >= 10, "{text}");
-    assert_eq!(lines[1], "1");
+    assert_eq!(lines[1], "2");
     // The manifest is plain age too.
     let manifest = meta.with_extension("snapshot");
     let out = Command::new("age")
@@ -319,7 +319,13 @@ fn backup_writes_no_temp_file_and_no_plaintext() {
         .collect();
     for n in &names {
         assert!(
-            ["index.sqlite", "index.sqlite-wal", "index.sqlite-shm"].contains(&n.as_str()),
+            [
+                "index.sqlite",
+                "index.sqlite-wal",
+                "index.sqlite-shm",
+                "index.sqlite.lock"
+            ]
+            .contains(&n.as_str()),
             "unexpected file in the state dir: {n}"
         );
     }
@@ -693,4 +699,44 @@ fn regression_hostile_chunk_lengths_are_reported_as_damage() {
             "{sql}: {err}"
         );
     }
+}
+
+/// Some filesystems keep file content in extended attributes: their values travel as
+/// chunks in blobs and never sit in plaintext in the run database. The manifest upload
+/// is refused here, so the finished run database stays on disk to be searched.
+#[test]
+fn xattr_values_never_reach_the_agent_disk_in_plaintext() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src").tap_mkdir();
+    let marker = b"XATTR-PLAINTEXT-5b1e";
+    std::fs::write(src.join("f.txt"), b"content").unwrap();
+    xattr::set(src.join("f.txt"), "user.secret", marker).unwrap();
+    let key = keygen(t.path());
+    let cfg = s3_config(t.path(), &s3.no_put_endpoint, "h", &[&src], &key, "");
+    let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let state = t.path().join("state");
+    assert!(state.join("index.sqlite-run").exists());
+    for (p, m) in common::walk(&state) {
+        if m.is_file() {
+            let data = std::fs::read(&p).unwrap();
+            assert!(
+                !data.windows(marker.len()).any(|w| w == marker),
+                "xattr value in plaintext in {}",
+                p.display()
+            );
+        }
+    }
+    // With the manifest allowed, the value comes back from its blob.
+    let cfg = s3_config(t.path(), &s3.endpoint, "h", &[&src], &key, "");
+    backup_ok(&cfg);
+    let target = t.path().join("r");
+    let out = vaultik(
+        &["restore", BUCKET, "h", "latest", target.to_str().unwrap()],
+        &s3_env(&s3.endpoint, &key),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let got = xattr::get(restored(&target, &src).join("f.txt"), "user.secret").unwrap();
+    assert_eq!(got.as_deref(), Some(&marker[..]));
 }

@@ -45,6 +45,7 @@ pub(super) struct BlobWorker<'a> {
     ids: &'a Identities,
     progress: &'a Progress,
     target: Target,
+    xattrs: &'a XattrValues,
     /// The last file written, kept open: consecutive chunks often land in one file.
     open: Option<(Vec<u8>, std::fs::File)>,
 }
@@ -57,6 +58,7 @@ impl<'a> BlobWorker<'a> {
         ids: &'a Identities,
         progress: &'a Progress,
         target: Target,
+        xattrs: &'a XattrValues,
     ) -> Result<Self> {
         // Nothing writes the database while workers run, so they can skip file locking.
         let uri = format!("file:{}?immutable=1", db.display());
@@ -72,6 +74,7 @@ impl<'a> BlobWorker<'a> {
             ids,
             progress,
             target,
+            xattrs,
             open: None,
         })
     }
@@ -81,9 +84,9 @@ impl<'a> BlobWorker<'a> {
         let row: Option<(i64, i64)> = self
             .conn
             .query_row(
-                "SELECT size, payload_start FROM blobs WHERE id = ?1",
+                "SELECT size, payload_start FROM blobs WHERE id = ?1 LIMIT 1",
                 [blob],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((super::int(r, 0)?, super::int(r, 1)?)),
             )
             .optional()?;
         Ok(row.and_then(|(size, start)| {
@@ -98,17 +101,19 @@ impl<'a> BlobWorker<'a> {
     /// Wanted chunks of the blob, split into those that lie inside it and the rest.
     fn wants(&self, blob: &str, plain_max: u64) -> Result<(Vec<Want>, Vec<ChunkId>)> {
         let mut q = self.conn.prepare_cached(
-            "SELECT c.id, c.offset, c.clen, c.ulen FROM chunks c WHERE c.blob_id = ?1 AND EXISTS
+            "SELECT c.id, c.offset, c.clen, c.ulen FROM chunks c WHERE c.blob_id = ?1 AND (EXISTS
                (SELECT 1 FROM file_chunks f JOIN vaultik_sel sel ON sel.data_node = f.node_id
                 WHERE f.chunk_id = c.id AND sel.kind = 'file')
+             OR EXISTS (SELECT 1 FROM xattrs x JOIN vaultik_sel sel ON sel.node_id = x.node_id
+                WHERE x.chunk_id = c.id AND sel.kind IN ('file', 'damaged', 'dir')))
              ORDER BY c.offset",
         )?;
         let rows = q.query_map([blob], |r| {
             Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
+                super::bytes(r, 0)?,
+                super::int(r, 1)?,
+                super::int(r, 2)?,
+                super::int(r, 3)?,
             ))
         })?;
         let (mut inside, mut outside) = (Vec::new(), Vec::new());
@@ -132,6 +137,8 @@ impl<'a> BlobWorker<'a> {
                 None => outside.push(id),
             }
         }
+        // The hostile database may carry its own index that lies about order.
+        inside.sort_by_key(|w| w.offset);
         Ok((inside, outside))
     }
 
@@ -218,42 +225,57 @@ impl<'a> BlobWorker<'a> {
             Ok(d) => d,
             Err(e) => return self.mark_damaged(&w.id, &e.to_string(), bad),
         };
+        self.keep_xattrs(&w.id, &data)?;
         let zero = data.iter().all(|b| *b == 0);
-        let dests: Vec<(Vec<u8>, i64)> = {
-            let mut q = self.conn.prepare_cached(
-                "SELECT sel.dest, f.offset FROM file_chunks f JOIN vaultik_sel sel ON sel.data_node = f.node_id
-                 WHERE f.chunk_id = ?1 AND sel.kind = 'file'",
-            )?;
-            q.query_map([&w.id.0[..]], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<_>>()?
-        };
-        for (dest, off) in dests {
+        // Streamed, and each destination looked up once: a chunk may appear in many
+        // places of many files.
+        let mut q = self.conn.prepare_cached(
+            "SELECT sel.node_id, f.offset FROM file_chunks f JOIN vaultik_sel sel ON sel.data_node = f.node_id
+             WHERE f.chunk_id = ?1 AND sel.kind = 'file' ORDER BY sel.node_id",
+        )?;
+        let mut rows = q.query([&w.id.0[..]])?;
+        let mut dest: Option<(i64, Vec<u8>)> = None;
+        while let Some(r) = rows.next()? {
+            let (node, off): (i64, i64) = (r.get(0)?, super::int(r, 1)?);
             self.progress.add_bytes(data.len() as u64);
             if zero {
                 continue; // the file was created sparse; leave the hole
             }
+            if dest.as_ref().is_none_or(|(n, _)| *n != node) {
+                let d: Vec<u8> = self.conn.query_row(
+                    "SELECT dest FROM vaultik_sel WHERE node_id = ?1",
+                    [node],
+                    |r| r.get(0),
+                )?;
+                dest = Some((node, d));
+            }
+            let Some((_, d)) = &dest else { continue };
             // Offsets of selected files were checked to tile each file exactly.
             let off = u64::try_from(off).unwrap_or(u64::MAX);
-            let f = self.file(&dest)?;
-            if let Err(e) = f.write_all_at(&data, off) {
-                return Err(Error::io("writing", self.target.display(&dest), e));
+            let d = d.clone();
+            if let Err(e) =
+                open_file(&mut self.target, &mut self.open, &d)?.write_all_at(&data, off)
+            {
+                return Err(Error::io("writing", self.target.display(&d), e));
             }
         }
         Ok(())
     }
 
-    fn file(&mut self, dest: &[u8]) -> Result<&std::fs::File> {
-        if self.open.as_ref().is_none_or(|(p, _)| p != dest) {
-            let f = self
-                .target
-                .open_file(dest)
-                .map_err(|e| Error::io(e.what, e.path, e.source))?;
-            self.open = Some((dest.to_vec(), f));
+    /// Keeps the values of extended attributes stored as this chunk, for the metadata
+    /// pass (they must be set after the data: writing a file drops capabilities).
+    fn keep_xattrs(&self, id: &ChunkId, value: &[u8]) -> Result<()> {
+        let mut q = self.conn.prepare_cached(
+            "SELECT x.node_id, x.name FROM xattrs x JOIN vaultik_sel sel ON sel.node_id = x.node_id
+             WHERE x.chunk_id = ?1 AND sel.kind IN ('file', 'damaged', 'dir')",
+        )?;
+        let names: Vec<(i64, Vec<u8>)> = q
+            .query_map([&id.0[..]], |r| Ok((r.get(0)?, super::bytes(r, 1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (node, name) in names {
+            self.xattrs.put(node, &name, value)?;
         }
-        match &self.open {
-            Some((_, f)) => Ok(f),
-            None => Err(Error::Pipeline("no open file".into())),
-        }
+        Ok(())
     }
 
     fn mark_damaged(&self, id: &ChunkId, why: &str, bad: &mut Damaged) -> Result<()> {
@@ -267,7 +289,81 @@ impl<'a> BlobWorker<'a> {
         for d in dests {
             bad.push((self.target.display(&d), why.to_string()));
         }
+        let mut q = self.conn.prepare_cached(
+            "SELECT sel.dest, x.name FROM xattrs x JOIN vaultik_sel sel ON sel.node_id = x.node_id
+             WHERE x.chunk_id = ?1 AND sel.kind IN ('file', 'damaged', 'dir')",
+        )?;
+        let names: Vec<(Vec<u8>, Vec<u8>)> = q
+            .query_map([&id.0[..]], |r| {
+                Ok((super::bytes(r, 0)?, super::bytes(r, 1)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        for (d, name) in names {
+            let why = format!(
+                "extended attribute {}: {why}",
+                String::from_utf8_lossy(&name)
+            );
+            bad.push((self.target.display(&d), why));
+        }
         Ok(())
+    }
+}
+
+/// Extended attribute values read from blobs, kept in a private temporary database
+/// until the metadata pass applies them.
+pub(super) struct XattrValues {
+    conn: std::sync::Mutex<Connection>,
+    file: tempfile::NamedTempFile,
+}
+
+impl XattrValues {
+    pub fn new() -> Result<Self> {
+        let file = tempfile::Builder::new()
+            .prefix("vaultik-xattrs-")
+            .tempfile()
+            .map_err(|e| Error::io("creating", std::env::temp_dir(), e))?;
+        let conn = Connection::open(file.path())?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;
+             CREATE TABLE xattr_values (node_id INTEGER NOT NULL, name BLOB NOT NULL,
+                 value BLOB NOT NULL, PRIMARY KEY (node_id, name)) WITHOUT ROWID;",
+        )?;
+        Ok(XattrValues {
+            conn: std::sync::Mutex::new(conn),
+            file,
+        })
+    }
+
+    fn put(&self, node: i64, name: &[u8], value: &[u8]) -> Result<()> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| Error::Pipeline("a restore worker panicked".into()))?;
+        conn.prepare_cached(
+            "INSERT OR REPLACE INTO xattr_values (node_id, name, value) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(rusqlite::params![node, name, value])?;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+}
+
+/// The file `dest` below `target`, reusing `open` when it is already that file.
+fn open_file<'f>(
+    target: &mut Target,
+    open: &'f mut Option<(Vec<u8>, std::fs::File)>,
+    dest: &[u8],
+) -> Result<&'f std::fs::File> {
+    if open.as_ref().is_none_or(|(p, _)| p != dest) {
+        let f = target.open_file(dest).map_err(Error::from)?;
+        *open = Some((dest.to_vec(), f));
+    }
+    match open {
+        Some((_, f)) => Ok(f),
+        None => Err(Error::Pipeline("no open file".into())),
     }
 }
 

@@ -13,7 +13,7 @@ use crate::chunk::ChunkHasher;
 use crate::crypt::{Identities, KeyError};
 use crate::error::{Error, Result};
 use crate::snapshot::{MANIFEST_FORMAT, METADATA_FORMAT, Manifest, SnapshotId, meta_value};
-use crate::store::{Repo, StoreError};
+use crate::store::{Object, Repo, StoreError};
 
 /// A manifest is a few kilobytes; anything much larger is not one.
 const MAX_MANIFEST: u64 = 1 << 20;
@@ -46,13 +46,21 @@ impl Catalog {
 pub fn list_snapshots(repo: &Repo, ids: &Identities) -> Result<Catalog> {
     let mut cat = Catalog::default();
     let mut wrong_key = None;
+    let mut seen = std::collections::HashSet::new();
     for obj in repo.list(&repo.index_dir())? {
-        let Some(name) = obj.key.rsplit('/').next() else {
+        let Some(Object::Manifest(id)) = repo.object(&obj.key) else {
             continue;
         };
-        let Some(id) = name.strip_suffix(".snapshot").and_then(SnapshotId::parse) else {
+        if !seen.insert(id) {
             continue;
-        };
+        }
+        if obj.size > MAX_MANIFEST {
+            cat.unreadable.push((
+                obj.key.clone(),
+                format!("{} bytes is too large for a manifest", obj.size),
+            ));
+            continue;
+        }
         match read_manifest(repo, ids, &id) {
             Ok(m) => cat.snapshots.push(m),
             Err(Error::Store(e)) => return Err(e.into()),
@@ -82,10 +90,20 @@ pub fn list_snapshots(repo: &Repo, ids: &Identities) -> Result<Catalog> {
 
 pub fn read_manifest(repo: &Repo, ids: &Identities, id: &SnapshotId) -> Result<Manifest> {
     let what = format!("snapshot {id}");
-    let sealed = repo.get(&repo.manifest_key(id)).map_err(|e| match e {
+    let key = repo.manifest_key(id);
+    let not_found = |e| match e {
         StoreError::NotFound { .. } => Error::SnapshotNotFound(id.to_string()),
         e => e.into(),
-    })?;
+    };
+    let size = repo.size(&key).map_err(not_found)?;
+    if size > MAX_MANIFEST {
+        return Err(KeyError::Decrypt {
+            what,
+            message: format!("{size} bytes is too large for a manifest"),
+        }
+        .into());
+    }
+    let sealed = repo.get(&key).map_err(not_found)?;
     let mut json = Vec::new();
     ids.decrypt(&sealed[..], &what)?
         .take(MAX_MANIFEST)
@@ -223,6 +241,10 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
         return Err(Error::Pipeline(format!(
             "{what} has format {format}; this vaultik reads up to {METADATA_FORMAT}: upgrade vaultik"
         )));
+    }
+    if format < 2 {
+        // Format 1 kept extended attribute values inline; readers look for both.
+        conn.execute_batch("ALTER TABLE xattrs ADD COLUMN chunk_id BLOB")?;
     }
     let key = meta_value(&conn, "chunk_key")?
         .and_then(|k| {

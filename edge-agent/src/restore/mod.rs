@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::snapshot::NodeKind;
 use crate::store::Repo;
-use blobs::BlobWorker;
+use blobs::{BlobWorker, XattrValues};
 use plan::{ChunkRef, Decision, LinkFirst, Node, Parent, RawNode, Tiling, display_path};
 use target::{Attrs, Target};
 
@@ -107,7 +107,8 @@ CREATE TABLE vaultik_sel (
     uid INTEGER NOT NULL,
     gid INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
-    target BLOB
+    target BLOB,
+    size INTEGER
 );
 CREATE INDEX vaultik_sel_data ON vaultik_sel (data_node);
 ";
@@ -129,9 +130,17 @@ pub fn restore(
     let mut report = Report::default();
     plan_and_create(conn, sel, &mut target, &mut report)?;
     check_chunk_lists(conn, &target, &mut report)?;
-    write_data(repo, ids, meta, &target, &opts, &mut report)?;
+    check_xattr_chunks(conn, &target, &mut report)?;
+    let xattrs = XattrValues::new()?;
+    write_data(repo, ids, meta, &target, &xattrs, &opts, &mut report)?;
     make_links(conn, &mut target, &mut report)?;
-    apply_metadata(conn, &mut target, &mut report)?;
+    conn.execute(
+        "ATTACH DATABASE ?1 AS xv",
+        [xattrs.path().to_string_lossy()],
+    )?;
+    let applied = apply_metadata(conn, &mut target, &mut report);
+    conn.execute_batch("DETACH DATABASE xv")?;
+    applied?;
     opts.progress.finish();
     Ok(report)
 }
@@ -185,7 +194,13 @@ fn plan_and_create(
                 continue;
             }
         };
+        let seen: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM vaultik_sel WHERE path = ?1 OR node_id = ?2)",
+            params![node.path, node.id],
+            |r| r.get(0),
+        )?;
         let decision = match sel.dest_of(&node.path) {
+            _ if seen => Decision::Refuse("its path or id appears twice in the snapshot".into()),
             None => Decision::Refuse("outside the selection".into()),
             Some(_) => {
                 let parent = parent_state(conn, sel, &node.path)?;
@@ -266,6 +281,7 @@ fn act(
     decision: Decision,
 ) -> Result<()> {
     let dest = sel.dest_of(&node.path).unwrap_or_default();
+    let mut created_size = None;
     let (kind, data_node) = match decision {
         Decision::Refuse(why) => {
             report.hostile.insert(node.path_display(), why);
@@ -278,6 +294,7 @@ fn act(
         }
         Decision::File { data_node, size } => {
             target.create_file(&dest, size)?;
+            created_size = Some(size);
             report.files += 1;
             report.bytes += size;
             ("file", Some(data_node))
@@ -286,8 +303,8 @@ fn act(
         Decision::Hardlink => ("hardlink", None),
     };
     conn.prepare_cached(
-        "INSERT INTO vaultik_sel (node_id, path, kind, data_node, dest, mode, uid, gid, mtime_ns, target)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        "INSERT INTO vaultik_sel (node_id, path, kind, data_node, dest, mode, uid, gid, mtime_ns, target, size)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         node.id,
@@ -299,7 +316,8 @@ fn act(
         node.uid,
         node.gid,
         node.mtime_ns,
-        node.target
+        node.target,
+        created_size.and_then(|s| i64::try_from(s).ok())
     ])?;
     Ok(())
 }
@@ -308,7 +326,8 @@ fn act(
 struct FileCheck {
     node: i64,
     dest: Vec<u8>,
-    size: i64,
+    /// The size the file was created with.
+    size: u64,
     tiling: Tiling,
     error: Option<String>,
 }
@@ -316,10 +335,7 @@ struct FileCheck {
 impl FileCheck {
     /// `Some((node, dest, why))` if the file is damaged.
     fn verdict(self) -> Option<(i64, Vec<u8>, String)> {
-        let why = self.error.or_else(|| match u64::try_from(self.size) {
-            Ok(size) => self.tiling.finish(size).err(),
-            Err(_) => Some(format!("size {} is negative", self.size)),
-        })?;
+        let why = self.error.or_else(|| self.tiling.finish(self.size).err())?;
         Some((self.node, self.dest, why))
     }
 }
@@ -328,11 +344,11 @@ impl FileCheck {
 /// and get no content.
 fn check_chunk_lists(conn: &Connection, target: &Target, report: &mut Report) -> Result<()> {
     let mut q = conn.prepare(
-        "SELECT s.node_id, s.dest, n.size, f.offset,
+        "SELECT s.node_id, s.dest, s.size, f.offset,
                 CASE WHEN typeof(c.blob_id) = 'text' AND b.id IS NOT NULL THEN c.ulen END,
                 CASE WHEN typeof(f.chunk_id) = 'blob' THEN length(f.chunk_id) ELSE 0 END,
                 f.node_id IS NOT NULL
-         FROM vaultik_sel s JOIN nodes n ON n.id = s.data_node
+         FROM vaultik_sel s
          LEFT JOIN file_chunks f ON f.node_id = s.data_node
          LEFT JOIN chunks c ON c.id = f.chunk_id
          LEFT JOIN blobs b ON b.id = c.blob_id
@@ -348,7 +364,7 @@ fn check_chunk_lists(conn: &Connection, target: &Target, report: &mut Report) ->
             cur = Some(FileCheck {
                 node: id,
                 dest: bytes(r, 1)?,
-                size: int(r, 2)?,
+                size: u64::try_from(int(r, 2)?).unwrap_or(u64::MAX),
                 tiling: Tiling::default(),
                 error: None,
             });
@@ -381,22 +397,50 @@ fn check_chunk_lists(conn: &Connection, target: &Target, report: &mut Report) ->
     Ok(())
 }
 
-/// Pass 3: file contents, blob by blob, in parallel.
+/// Pass 2, for extended attributes stored as chunks: each needs a stored location.
+fn check_xattr_chunks(conn: &Connection, target: &Target, report: &mut Report) -> Result<()> {
+    let mut q = conn.prepare(
+        "SELECT s.dest, x.name FROM vaultik_sel s JOIN xattrs x ON x.node_id = s.node_id
+         LEFT JOIN chunks c ON c.id = x.chunk_id LEFT JOIN blobs b ON b.id = c.blob_id
+         WHERE x.chunk_id IS NOT NULL AND s.kind IN ('file', 'damaged', 'dir')
+           AND (b.id IS NULL OR typeof(c.blob_id) != 'text')",
+    )?;
+    let mut rows = q.query([])?;
+    while let Some(r) = rows.next()? {
+        let (dest, name) = (bytes(r, 0)?, bytes(r, 1)?);
+        report.damaged.insert(
+            target.display(&dest),
+            format!(
+                "extended attribute {} has no stored location",
+                String::from_utf8_lossy(&name)
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Pass 3: file contents (and extended attribute values), blob by blob, in parallel.
 fn write_data(
     repo: &Repo,
     ids: &Identities,
     meta: &Metadata,
     target: &Target,
+    xattrs: &XattrValues,
     opts: &Options,
     report: &mut Report,
 ) -> Result<()> {
     let blobs: Vec<String> = {
         let mut q = meta.conn.prepare(
-            "SELECT DISTINCT c.blob_id FROM vaultik_sel s
+            "SELECT c.blob_id FROM vaultik_sel s
              JOIN file_chunks f ON f.node_id = s.data_node JOIN chunks c ON c.id = f.chunk_id
-             WHERE s.kind = 'file' AND typeof(c.blob_id) = 'text'",
+             WHERE s.kind = 'file' AND typeof(c.blob_id) = 'text'
+             UNION
+             SELECT c.blob_id FROM vaultik_sel s
+             JOIN xattrs x ON x.node_id = s.node_id JOIN chunks c ON c.id = x.chunk_id
+             WHERE s.kind IN ('file', 'damaged', 'dir') AND typeof(c.blob_id) = 'text'",
         )?;
-        q.query_map([], |r| r.get(0))?
+        q.query_map([], |r| bytes(r, 0))?
+            .filter_map(|b| b.map(|b| String::from_utf8(b).ok()).transpose())
             .collect::<rusqlite::Result<_>>()?
     };
     let queue = Mutex::new(blobs);
@@ -411,10 +455,9 @@ fn write_data(
     std::thread::scope(|s| {
         for _ in 0..opts.parallel.max(1) {
             s.spawn(|| {
-                let worker = target
-                    .reopen()
-                    .map_err(Error::from)
-                    .and_then(|t| BlobWorker::new(repo, db_path, hasher, ids, &opts.progress, t));
+                let worker = target.reopen().map_err(Error::from).and_then(|t| {
+                    BlobWorker::new(repo, db_path, hasher, ids, &opts.progress, t, xattrs)
+                });
                 let mut worker = match worker {
                     Ok(w) => w,
                     Err(e) => return fail(e),
@@ -486,7 +529,11 @@ fn make_links(conn: &Connection, target: &mut Target, report: &mut Report) -> Re
 /// Pass 5: xattrs, owners, modes and mtimes; directories last and deepest first, so
 /// their mtimes stick.
 fn apply_metadata(conn: &Connection, target: &mut Target, report: &mut Report) -> Result<()> {
-    let mut xq = conn.prepare("SELECT name, value FROM xattrs WHERE node_id = ?1")?;
+    // Format 1 values are inline; format 2 values were read from blobs in pass 3.
+    let mut xq = conn.prepare(
+        "SELECT name, value FROM xattrs WHERE node_id = ?1 AND value IS NOT NULL
+         UNION ALL SELECT name, value FROM xv.xattr_values WHERE node_id = ?1",
+    )?;
     for order in [
         "WHERE kind IN ('file', 'damaged', 'symlink') ORDER BY path",
         "WHERE kind = 'dir' ORDER BY path DESC",
@@ -514,16 +561,36 @@ fn apply_metadata(conn: &Connection, target: &mut Target, report: &mut Report) -
     Ok(())
 }
 
+/// `s` with control characters escaped: names from a snapshot must not drive the
+/// terminal that shows them.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Writes a restore report for people: refused entries, damaged files, then warnings.
 pub fn print_report(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
+    let show = |p: &PathBuf| printable(&p.display().to_string());
     for (path, why) in &report.hostile {
-        writeln!(out, "hostile entry refused: {}: {why}", path.display())?;
+        writeln!(
+            out,
+            "hostile entry refused: {}: {}",
+            show(path),
+            printable(why)
+        )?;
     }
     for (path, why) in &report.damaged {
-        writeln!(out, "damaged: {}: {why}", path.display())?;
+        writeln!(out, "damaged: {}: {}", show(path), printable(why))?;
     }
     for w in &report.warnings {
-        writeln!(out, "warning: {w}")?;
+        writeln!(out, "warning: {}", printable(w))?;
     }
     Ok(())
 }

@@ -194,6 +194,9 @@ pub fn display_path(stored: &[u8]) -> PathBuf {
 /// Checks a raw row: its path and that every number fits.
 pub fn node(raw: RawNode) -> Result<Node, String> {
     check_path(&raw.path).map_err(str::to_string)?;
+    if raw.id == i64::MIN {
+        return Err("its id is not an integer".into());
+    }
     let kind = NodeKind::parse(&raw.kind).ok_or_else(|| format!("unknown kind {:?}", raw.kind))?;
     let fit =
         |v: i64, what: &str| u32::try_from(v).map_err(|_| format!("{what} {v} is out of range"));

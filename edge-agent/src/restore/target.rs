@@ -289,6 +289,12 @@ impl Target {
             Ok(fd) => fd,
             Err(e) => return vec![format!("{shown}: {}", std::io::Error::from(e))],
         };
+        // Owner first: a change of owner drops capabilities that xattrs then restore.
+        match rustix::fs::fchown(&fd, owner.0, owner.1) {
+            // Only root may give files away; a user restoring their own files keeps them.
+            Ok(()) | Err(Errno::PERM) => {}
+            Err(e) => warn.push(format!("{shown}: owner: {}", std::io::Error::from(e))),
+        }
         for (k, v) in m.xattrs {
             if let Err(e) = rustix::fs::fsetxattr(
                 &fd,
@@ -302,11 +308,6 @@ impl Target {
                     std::io::Error::from(e)
                 ));
             }
-        }
-        match rustix::fs::fchown(&fd, owner.0, owner.1) {
-            // Only root may give files away; a user restoring their own files keeps them.
-            Ok(()) | Err(Errno::PERM) => {}
-            Err(e) => warn.push(format!("{shown}: owner: {}", std::io::Error::from(e))),
         }
         if let Err(e) = rustix::fs::fchmod(&fd, Mode::from_raw_mode(m.mode & 0o7777)) {
             warn.push(format!("{shown}: mode: {}", std::io::Error::from(e)));
