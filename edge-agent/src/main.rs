@@ -81,9 +81,13 @@ enum Cmd {
         repo: RepoArgs,
         #[command(flatten)]
         policy: PolicyArgs,
-        /// Delete only blobs uploaded longer ago than this (longer than any backup runs).
+        /// Delete only blobs uploaded longer ago than this: longer than your longest
+        /// backup plus 6 hours (at least 7h unless --allow-short-margin).
         #[arg(long, default_value = "48h", value_parser = edge_agent::prune::parse_duration)]
         safety_margin: Duration,
+        /// Accept a safety margin under 7h (only when no backup can run meanwhile).
+        #[arg(long)]
+        allow_short_margin: bool,
         /// Print the plan and delete nothing.
         #[arg(long)]
         dry_run: bool,
@@ -334,6 +338,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             safety_margin,
             dry_run,
             allow_future_snapshots,
+            allow_short_margin,
         } => {
             let rt = runtime()?;
             let (repo, ids) = open_restore_side(&repo, &rt)?;
@@ -342,6 +347,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 margin: safety_margin,
                 dry_run,
                 allow_future: allow_future_snapshots,
+                allow_short_margin,
             };
             edge_agent::prune::run(&repo, &ids, &opts, &mut std::io::stdout().lock())?;
             Ok(ExitCode::SUCCESS)

@@ -7,7 +7,7 @@
 //! ```
 //! The whole plaintext is one age stream, so any frame can be read by decrypting only the
 //! 64 KiB STREAM pieces that cover it. The trailer makes a blob self-describing, which
-//! lets a damaged metadata database be rebuilt from the blobs.
+//! is what `verify --read-data` checks every chunk against.
 
 use std::fmt;
 

@@ -22,6 +22,10 @@ use crate::snapshot::{Manifest, SnapshotId};
 use crate::store::{Object, Repo};
 
 pub const DEFAULT_SAFETY_MARGIN: Duration = Duration::from_secs(48 * 3600);
+/// The shortest safety margin prune accepts without `--allow-short-margin`: agents
+/// reuse blobs of an interrupted run for `index::SALVAGE_WINDOW_NS` (6 h), and a backup
+/// takes time of its own.
+pub const MIN_SAFETY_MARGIN: Duration = Duration::from_secs(7 * 3600);
 /// How far ahead of this machine's clock a manifest may be dated (clock skew).
 pub const FUTURE_TOLERANCE: Duration = Duration::from_secs(15 * 60);
 /// Durations on the command line are at most this long.
@@ -41,6 +45,10 @@ pub enum PruneError {
         "{count} snapshot manifests could not be read, so prune cannot see what they use and deletes nothing (first: {first}); remove or restore those objects first"
     )]
     Unreadable { count: usize, first: String },
+    #[error(
+        "a safety margin of {0} is shorter than 7h: agents reuse blobs of interrupted backups for 6 hours, so prune could delete blobs a backup is about to reference; use a margin longer than your longest backup plus 6 hours, or --allow-short-margin if no backup can run meanwhile"
+    )]
+    ShortMargin(String),
     #[error("the storage server reports no usable time (last modified {0} ns): cannot age blobs")]
     ServerClock(i64),
 }
@@ -356,6 +364,8 @@ pub struct Options {
     pub dry_run: bool,
     /// Accept manifests dated ahead of this machine's clock.
     pub allow_future: bool,
+    /// Accept a safety margin under [`MIN_SAFETY_MARGIN`].
+    pub allow_short_margin: bool,
 }
 
 /// Plans a prune of `repo`, prints the plan, and unless `dry_run` carries it out.
@@ -376,6 +386,10 @@ pub fn run(
 
 /// Reads the repository and decides; deletes nothing.
 pub fn plan(repo: &Repo, ids: &Identities, opts: &Options) -> Result<Plan> {
+    if opts.margin < MIN_SAFETY_MARGIN && !opts.allow_short_margin {
+        let shown = humantime::format_duration(opts.margin).to_string();
+        return Err(PruneError::ShortMargin(shown).into());
+    }
     let catalog = crate::restore::list_snapshots(repo, ids)?;
     if let Some((key, why)) = catalog.unreadable.first() {
         return Err(PruneError::Unreadable {

@@ -407,6 +407,16 @@ impl Repo {
         })
     }
 
+    /// Opens a whole object for reading forward, hashing as it goes.
+    pub fn reader(&self, key: &Key) -> Result<ObjectReader, StoreError> {
+        Ok(ObjectReader {
+            stream: self.stream(key)?,
+            piece: Bytes::new(),
+            hasher: blake3::Hasher::new(),
+            count: 0,
+        })
+    }
+
     pub fn size(&self, key: &Key) -> Result<u64, StoreError> {
         self.rt
             .block_on(self.store.head(key))
@@ -458,6 +468,38 @@ impl ObjectStream {
             .block_on(self.inner.next())
             .transpose()
             .map_err(|e| StoreError::op("get", &self.key, e))
+    }
+}
+
+/// A whole object as a blocking `Read`, hashing (BLAKE3) and counting what passes.
+pub struct ObjectReader {
+    stream: ObjectStream,
+    piece: Bytes,
+    hasher: blake3::Hasher,
+    count: u64,
+}
+
+impl ObjectReader {
+    /// Bytes read so far and BLAKE3 of them.
+    pub fn digest(&self) -> (u64, [u8; 32]) {
+        (self.count, *self.hasher.finalize().as_bytes())
+    }
+}
+
+impl io::Read for ObjectReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.piece.is_empty() {
+            match self.stream.next_piece().map_err(io::Error::other)? {
+                Some(p) => self.piece = p,
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.piece.len());
+        let head = self.piece.split_to(n);
+        out[..n].copy_from_slice(&head);
+        self.hasher.update(&head);
+        self.count += n as u64;
+        Ok(n)
     }
 }
 

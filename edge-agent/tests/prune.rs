@@ -105,7 +105,14 @@ fn dry_run_then_prune_keeps_every_kept_snapshot_whole() {
     // Dry run: a plan, and nothing deleted.
     let plan = prune(
         &env,
-        &["--keep-last", "2", "--safety-margin", "0s", "--dry-run"],
+        &[
+            "--keep-last",
+            "2",
+            "--safety-margin",
+            "0s",
+            "--allow-short-margin",
+            "--dry-run",
+        ],
     );
     assert_eq!(plan.matches("forget  ").count(), 2, "{plan}");
     assert!(
@@ -128,7 +135,16 @@ fn dry_run_then_prune_keeps_every_kept_snapshot_whole() {
     assert_eq!(snapshot_ids(&env), ids[1..].to_vec());
 
     // With no margin the unreferenced blobs go; what is kept restores exactly.
-    prune(&env, &["--keep-last", "2", "--safety-margin", "0s"]);
+    prune(
+        &env,
+        &[
+            "--keep-last",
+            "2",
+            "--safety-margin",
+            "0s",
+            "--allow-short-margin",
+        ],
+    );
     assert!(stored_blobs(&s3) < before, "nothing was deleted");
     assert_eq!(snapshot_ids(&env), ids[2..].to_vec());
     for (n, id) in ids.iter().enumerate().skip(2) {
@@ -214,6 +230,7 @@ fn prune_racing_backups_never_breaks_a_snapshot() {
                     "1",
                     "--safety-margin",
                     MARGIN,
+                    "--allow-short-margin",
                 ],
                 &env,
             );
@@ -227,7 +244,16 @@ fn prune_racing_backups_never_breaks_a_snapshot() {
     // One last backup and prune, then every kept snapshot must restore exactly.
     backup_ok(&cfg);
     std::thread::sleep(Duration::from_secs(9));
-    prune(&env, &["--keep-last", "1", "--safety-margin", MARGIN]);
+    prune(
+        &env,
+        &[
+            "--keep-last",
+            "1",
+            "--safety-margin",
+            MARGIN,
+            "--allow-short-margin",
+        ],
+    );
     let ids = snapshot_ids(&env);
     assert_eq!(ids.len(), 1);
     restore_equals(&env, &ids[0], t.path(), &src, &describe(&src));
@@ -311,7 +337,16 @@ fn prune_keeps_the_dedup_base_of_every_agent_sharing_a_host_name() {
     backup_ok(&agents[0].1);
     write_file(&agents[0].0.join("more.bin"), &pseudo_random(100_000, 3));
     backup_ok(&agents[0].1);
-    let plan = prune(&env, &["--keep-last", "1", "--safety-margin", "0s"]);
+    let plan = prune(
+        &env,
+        &[
+            "--keep-last",
+            "1",
+            "--safety-margin",
+            "0s",
+            "--allow-short-margin",
+        ],
+    );
     assert!(plan.contains("newest of its agent"), "{plan}");
     assert_eq!(snapshot_ids(&env).len(), 2, "{plan}");
     // Agent b deduplicates against its own last snapshot: it must still be whole.
@@ -356,6 +391,7 @@ fn prune_stops_at_a_snapshot_dated_in_the_future() {
             "1d",
             "--safety-margin",
             "0s",
+            "--allow-short-margin",
         ],
         &env,
     );

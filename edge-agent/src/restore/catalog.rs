@@ -176,19 +176,37 @@ pub(crate) fn harden(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// Only tables and indexes, as vaultik writes them: no views, no triggers.
+/// Only ordinary tables and indexes, as vaultik writes them: no views, no triggers, no
+/// virtual tables. SQLite builds its schema from the `sql` text, so that is what counts.
 fn check_schema(conn: &Connection, what: &str) -> Result<()> {
-    let odd: Option<(String, String)> = conn
-        .query_row(
-            "SELECT type, name FROM sqlite_schema WHERE type NOT IN ('table', 'index') LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .ok();
-    if let Some((kind, name)) = odd {
-        return Err(Error::Pipeline(format!(
-            "{what} is not vaultik metadata: it holds a {kind} {name:?}"
-        )));
+    let mut q = conn.prepare("SELECT type, name, sql FROM sqlite_schema")?;
+    let mut rows = q.query([])?;
+    while let Some(r) = rows.next()? {
+        let kind: String = r.get(0)?;
+        let name: String = r.get(1)?;
+        let sql: Option<String> = r.get(2)?;
+        let sql = sql.unwrap_or_default().to_ascii_uppercase();
+        let sql = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+        let ordinary = match kind.as_str() {
+            "table" => sql.starts_with("CREATE TABLE "),
+            // Automatic indexes (for UNIQUE and PRIMARY KEY) have no SQL text.
+            "index" => {
+                sql.is_empty()
+                    || sql.starts_with("CREATE INDEX ")
+                    || sql.starts_with("CREATE UNIQUE INDEX ")
+            }
+            _ => false,
+        };
+        if !ordinary {
+            let shown = if kind == "table" && sql.contains("VIRTUAL") {
+                "virtual table"
+            } else {
+                kind.as_str()
+            };
+            return Err(Error::Pipeline(format!(
+                "{what} is not vaultik metadata: it holds a {shown} {name:?}"
+            )));
+        }
     }
     Ok(())
 }
@@ -210,24 +228,33 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
     let id = SnapshotId::parse(&manifest.id)
         .ok_or_else(|| Error::SnapshotNotFound(manifest.id.clone()))?;
     let what = format!("metadata of snapshot {id}");
-    let sealed = repo.get(&repo.metadata_key(&id))?;
-    if sealed.len() as u64 != manifest.metadata_size
-        || hex::encode(blake3::hash(&sealed).as_bytes()) != manifest.metadata_hash
-    {
-        return Err(Error::Pipeline(format!(
+    let key = repo.metadata_key(&id);
+    let damaged = || {
+        Error::Pipeline(format!(
             "{what} is damaged: its size or hash does not match the manifest"
-        )));
+        ))
+    };
+    // Checked before downloading: the manifest bounds what is read and written.
+    if repo.size(&key)? != manifest.metadata_size {
+        return Err(damaged());
     }
     let mut file = tempfile::Builder::new()
         .prefix("vaultik-metadata-")
         .tempfile()
         .map_err(|e| Error::io("creating", std::env::temp_dir(), e))?;
-    let limit = (sealed.len() as u64)
+    let limit = manifest
+        .metadata_size
         .saturating_mul(METADATA_RATIO)
         .saturating_add(METADATA_SLACK);
-    let plain = ids.decrypt(&sealed[..], &what)?;
+    // Streamed: decrypted and decompressed as it arrives, hashed on the way; nothing
+    // from the file is trusted until the hash matches.
+    let mut sealed = repo.reader(&key)?;
+    let plain = ids.decrypt(&mut sealed, &what)?;
     decompress_capped(plain, file.as_file_mut(), limit, &what)?;
-    drop(sealed);
+    let (count, hash) = sealed.digest();
+    if count != manifest.metadata_size || hex::encode(hash) != manifest.metadata_hash {
+        return Err(damaged());
+    }
     let conn = Connection::open(file.path())?;
     harden(&conn)?;
     // A private, disposable copy: durability would only cost fsyncs.
@@ -289,8 +316,18 @@ mod tests {
         let e = check_schema(&c, "m").unwrap_err().to_string();
         assert!(e.contains("view"), "{e}");
         let c = Connection::open_in_memory().unwrap();
-        c.execute_batch("CREATE TABLE nodes (x); CREATE INDEX i ON nodes (x);")
-            .unwrap();
+        c.execute_batch(
+            "CREATE TABLE nodes (x); CREATE TRIGGER t AFTER INSERT ON nodes BEGIN SELECT 1; END;",
+        )
+        .unwrap();
+        let e = check_schema(&c, "m").unwrap_err().to_string();
+        assert!(e.contains("trigger"), "{e}");
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(
+            "CREATE TABLE nodes (x UNIQUE, y); CREATE INDEX i ON nodes (y);
+             CREATE TABLE w (k PRIMARY KEY) WITHOUT ROWID;",
+        )
+        .unwrap();
         check_schema(&c, "m").unwrap();
     }
 }
