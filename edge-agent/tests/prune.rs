@@ -271,17 +271,7 @@ fn prune_racing_backups_never_breaks_a_snapshot() {
 /// blob of the repository back.
 fn latest_restores_exactly(env: &[(&str, &str)], dir: &Path, src: &Path, tag: &str) {
     let target = dir.join(format!("check-{tag}"));
-    let out = vaultik(
-        &[
-            "restore",
-            BUCKET,
-            "host1",
-            "latest",
-            target.to_str().unwrap(),
-            "-q",
-        ],
-        env,
-    );
+    let out = restore_latest(BUCKET, "host1", &target, env);
     assert!(
         out.status.success(),
         "restore after {tag}: {}",
@@ -357,27 +347,15 @@ fn prune_keeps_the_dedup_base_of_every_agent_sharing_a_host_name() {
 
 #[test]
 fn prune_stops_at_a_snapshot_dated_in_the_future() {
-    let s3 = S3Server::start();
-    let t = tempfile::tempdir().unwrap();
-    let src = t.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    let key = keygen(t.path());
-    let env = s3_env(&s3.endpoint, &key);
-    let cfg = s3_config(t.path(), &s3.endpoint, "host1", &[&src], &key, "");
-    for seed in 0..2 {
-        write_file(
-            &src.join(format!("{seed}.bin")),
-            &pseudo_random(100_000, seed),
-        );
-        backup_ok(&cfg);
-    }
+    let setup = Setup::with_snapshots(2);
+    let (s3, key, env) = (&setup.s3, &setup.key, setup.env());
     // A bucket writer (or a wrong clock) dates one manifest ten years ahead.
     let ids = snapshot_ids(&env);
     let forged = ids[0].clone();
     let manifest = s3
         .bucket_dir()
         .join(format!("host1/index/{forged}.snapshot"));
-    rewrite_manifest(&manifest, &key, |m| {
+    rewrite_manifest(&manifest, key, |m| {
         let t = m["time_unix_ns"].as_i64().unwrap() + 10 * 365 * 86_400 * 1_000_000_000;
         m["time_unix_ns"] = t.into();
         m["time"] = "2036-11-20T00:00:00.000Z".into();
@@ -465,19 +443,8 @@ fn a_failed_manifest_upload_is_not_adopted_as_dedup_base() {
 /// objects they resemble.
 #[test]
 fn alias_object_names_cannot_make_prune_delete_what_it_keeps() {
-    let s3 = S3Server::start();
-    let t = tempfile::tempdir().unwrap();
-    let src = t.path().join("src").tap_mkdir();
-    let key = keygen(t.path());
-    let env = s3_env(&s3.endpoint, &key);
-    let cfg = s3_config(t.path(), &s3.endpoint, "host1", &[&src], &key, "");
-    for seed in 0..3 {
-        write_file(
-            &src.join(format!("{seed}.bin")),
-            &pseudo_random(100_000, seed),
-        );
-        backup_ok(&cfg);
-    }
+    let setup = Setup::with_snapshots(3);
+    let (s3, t, src, env) = (&setup.s3, &setup.t, &setup.src, setup.env());
     let root = s3.bucket_dir().join("host1");
     let ids = snapshot_ids(&env);
     for id in &ids {
@@ -499,8 +466,38 @@ fn alias_object_names_cannot_make_prune_delete_what_it_keeps() {
             std::fs::copy(&p, p.with_file_name(name.to_uppercase())).unwrap();
         }
     }
-    age_bucket(&s3, 3 * 86_400);
+    age_bucket(s3, 3 * 86_400);
     prune(&env, &["--keep-last", "3"]);
     assert_eq!(snapshot_ids(&env), ids);
-    latest_restores_exactly(&env, t.path(), &src, "prune among aliases");
+    latest_restores_exactly(&env, t.path(), src, "prune among aliases");
+}
+
+/// An S3 server with `n` snapshots of a growing `src` under prefix `host1`.
+struct Setup {
+    s3: S3Server,
+    t: tempfile::TempDir,
+    src: PathBuf,
+    key: Key,
+}
+
+impl Setup {
+    fn env(&self) -> Vec<(&str, &str)> {
+        s3_env(&self.s3.endpoint, &self.key)
+    }
+
+    fn with_snapshots(n: u64) -> Self {
+        let s3 = S3Server::start();
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src").tap_mkdir();
+        let key = keygen(t.path());
+        let cfg = s3_config(t.path(), &s3.endpoint, "host1", &[&src], &key, "");
+        for seed in 0..n {
+            write_file(
+                &src.join(format!("{seed}.bin")),
+                &pseudo_random(100_000, seed),
+            );
+            backup_ok(&cfg);
+        }
+        Setup { s3, t, src, key }
+    }
 }

@@ -635,3 +635,18 @@ impl TapMkdir for std::path::PathBuf {
         self
     }
 }
+
+/// `vaultik restore BUCKET PREFIX latest TARGET -q`.
+pub fn restore_latest(bucket: &str, prefix: &str, target: &Path, env: &[(&str, &str)]) -> Output {
+    vaultik(
+        &[
+            "restore",
+            bucket,
+            prefix,
+            "latest",
+            target.to_str().unwrap(),
+            "-q",
+        ],
+        env,
+    )
+}
