@@ -20,6 +20,8 @@ pub enum Error {
     Prune(#[from] crate::prune::PruneError),
     #[error(transparent)]
     Source(#[from] crate::scan::SourceError),
+    #[error(transparent)]
+    Format(#[from] crate::pack::FormatError),
     #[error("local index {path}: {source}")]
     Index {
         path: PathBuf,

@@ -179,23 +179,51 @@ pub fn open_frame(
     expect: ChunkId,
     hasher: &crate::chunk::ChunkHasher,
 ) -> Result<Vec<u8>, FormatError> {
-    let bad = |what: String| FormatError::Chunk {
-        chunk: hex::encode(&expect.0[..8]),
-        what,
-    };
-    // Lengths come from untrusted metadata: never allocate more than a chunk can be.
-    if ulen as usize > fastcdc::v2020::MAXIMUM_MAX {
-        return Err(bad(format!("claims {ulen} bytes, more than any chunk")));
+    FrameOpener::new(hasher.clone())?.open(frame, ulen, expect)
+}
+
+/// [`open_frame`] for many frames: one zstd context, made once (making one per chunk
+/// costs more than decompressing a small chunk).
+pub struct FrameOpener {
+    z: zstd::bulk::Decompressor<'static>,
+    hasher: crate::chunk::ChunkHasher,
+}
+
+impl FrameOpener {
+    pub fn new(hasher: crate::chunk::ChunkHasher) -> Result<Self, FormatError> {
+        let z = zstd::bulk::Decompressor::new().map_err(|e| FormatError::Chunk {
+            chunk: String::new(),
+            what: format!("cannot start zstd: {e}"),
+        })?;
+        Ok(FrameOpener { z, hasher })
     }
-    let data = zstd::bulk::decompress(frame, ulen as usize)
-        .map_err(|e| bad(format!("does not decompress: {e}")))?;
-    if data.len() != ulen as usize {
-        return Err(bad(format!("is {} bytes, expected {ulen}", data.len())));
+
+    pub fn open(
+        &mut self,
+        frame: &[u8],
+        ulen: u32,
+        expect: ChunkId,
+    ) -> Result<Vec<u8>, FormatError> {
+        let bad = |what: String| FormatError::Chunk {
+            chunk: hex::encode(&expect.0[..8]),
+            what,
+        };
+        // Lengths come from untrusted metadata: never allocate more than a chunk can be.
+        if ulen as usize > fastcdc::v2020::MAXIMUM_MAX {
+            return Err(bad(format!("claims {ulen} bytes, more than any chunk")));
+        }
+        let data = self
+            .z
+            .decompress(frame, ulen as usize)
+            .map_err(|e| bad(format!("does not decompress: {e}")))?;
+        if data.len() != ulen as usize {
+            return Err(bad(format!("is {} bytes, expected {ulen}", data.len())));
+        }
+        if self.hasher.id(&data) != expect {
+            return Err(bad("hash mismatch (damaged data)".into()));
+        }
+        Ok(data)
     }
-    if hasher.id(&data) != expect {
-        return Err(bad("hash mismatch (damaged data)".into()));
-    }
-    Ok(data)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use super::target::Target;
 use crate::chunk::{ChunkHasher, ChunkId};
 use crate::crypt::{Identities, KeyError, RemoteReader, cipher_end};
 use crate::error::{Error, Result};
-use crate::pack::{BlobId, open_frame};
+use crate::pack::{BlobId, FrameOpener};
 use crate::progress::Progress;
 use crate::store::Repo;
 
@@ -41,7 +41,7 @@ pub(super) type Damaged = Vec<(PathBuf, String)>;
 pub(super) struct BlobWorker<'a> {
     repo: &'a Repo,
     conn: Connection,
-    hasher: ChunkHasher,
+    frames: FrameOpener,
     ids: &'a Identities,
     progress: &'a Progress,
     target: Target,
@@ -70,7 +70,7 @@ impl<'a> BlobWorker<'a> {
         Ok(BlobWorker {
             repo,
             conn,
-            hasher: hasher.clone(),
+            frames: FrameOpener::new(hasher.clone())?,
             ids,
             progress,
             target,
@@ -221,7 +221,7 @@ impl<'a> BlobWorker<'a> {
     }
 
     fn place(&mut self, w: &Want, frame: &[u8], bad: &mut Damaged) -> Result<()> {
-        let data = match open_frame(frame, w.ulen, w.id, &self.hasher) {
+        let data = match self.frames.open(frame, w.ulen, w.id) {
             Ok(d) => d,
             Err(e) => return self.mark_damaged(&w.id, &e.to_string(), bad),
         };
@@ -242,11 +242,10 @@ impl<'a> BlobWorker<'a> {
                 continue; // the file was created sparse; leave the hole
             }
             if dest.as_ref().is_none_or(|(n, _)| *n != node) {
-                let d: Vec<u8> = self.conn.query_row(
-                    "SELECT dest FROM vaultik_sel WHERE node_id = ?1",
-                    [node],
-                    |r| r.get(0),
-                )?;
+                let d: Vec<u8> = self
+                    .conn
+                    .prepare_cached("SELECT dest FROM vaultik_sel WHERE node_id = ?1")?
+                    .query_row([node], |r| r.get(0))?;
                 dest = Some((node, d));
             }
             let Some((_, d)) = &dest else { continue };

@@ -128,8 +128,11 @@ pub fn restore(
     conn.execute_batch(SEL_SCHEMA)?;
     let mut target = Target::open(&sel.root)?;
     let mut report = Report::default();
+    // One transaction per pass that writes the selection, not one per entry.
+    let tx = conn.unchecked_transaction()?;
     plan_and_create(conn, sel, &mut target, &mut report)?;
     check_chunk_lists(conn, &target, &mut report)?;
+    tx.commit()?;
     check_xattr_chunks(conn, &target, &mut report)?;
     let xattrs = XattrValues::new()?;
     write_data(repo, ids, meta, &target, &xattrs, &opts, &mut report)?;
@@ -194,11 +197,12 @@ fn plan_and_create(
                 continue;
             }
         };
-        let seen: bool = conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM vaultik_sel WHERE path = ?1 OR node_id = ?2)",
-            params![node.path, node.id],
-            |r| r.get(0),
-        )?;
+        let seen: bool = conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM vaultik_sel WHERE path = ?1)
+                     OR EXISTS (SELECT 1 FROM vaultik_sel WHERE node_id = ?2)",
+            )?
+            .query_row(params![node.path, node.id], |r| r.get(0))?;
         let decision = match sel.dest_of(&node.path) {
             _ if seen => Decision::Refuse("its path or id appears twice in the snapshot".into()),
             None => Decision::Refuse("outside the selection".into()),
@@ -219,7 +223,8 @@ fn plan_and_create(
 fn kind_at(conn: &Connection, table: &str, path: &[u8]) -> Result<Option<String>> {
     let sql = format!("SELECT kind FROM {table} WHERE path = ?1");
     Ok(conn
-        .query_row(&sql, [path], |r| bytes(r, 0))
+        .prepare_cached(&sql)?
+        .query_row([path], |r| bytes(r, 0))
         .optional()?
         .map(|k| String::from_utf8_lossy(&k).into_owned()))
 }
