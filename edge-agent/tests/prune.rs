@@ -327,11 +327,15 @@ fn prune_keeps_the_dedup_base_of_every_agent_sharing_a_host_name() {
     backup_ok(&agents[0].1);
     write_file(&agents[0].0.join("more.bin"), &pseudo_random(100_000, 3));
     backup_ok(&agents[0].1);
+    // Grouped by host name, the rule keeps one snapshot of "raspberrypi": only the
+    // per-agent protection keeps agent b's dedup base.
     let plan = prune(
         &env,
         &[
             "--keep-last",
             "1",
+            "--group-by",
+            "host",
             "--safety-margin",
             "0s",
             "--allow-short-margin",
