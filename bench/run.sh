@@ -12,24 +12,10 @@ SMALL_FILES=${SMALL_FILES:-100000}
 LARGE_MB=${LARGE_MB:-640}
 SCRATCH=${SCRATCH:-/var/tmp/vaultik-bench}
 
-need=()
-command -v restic >/dev/null 2>&1 || need+=(restic)
-[ -x /usr/bin/time ] || need+=(time)
-command -v bc >/dev/null 2>&1 || need+=(bc)
-if [ ${#need[@]} -gt 0 ]; then apt-get update -qq; apt-get install -y -qq "${need[@]}" >/dev/null; fi
-
-cargo build --release --quiet -p edge-agent
-VAULTIK="$PWD/target/release/vaultik"
-
-mkdir -p "$SCRATCH"
-mountpoint -q "$SCRATCH/mnt" 2>/dev/null && umount "$SCRATCH/mnt"
-rm -f "$SCRATCH/fs.img"
-truncate -s 12G "$SCRATCH/fs.img"
-mkfs.ext4 -q -F "$SCRATCH/fs.img"
-mkdir -p "$SCRATCH/mnt"
-mount -o loop "$SCRATCH/fs.img" "$SCRATCH/mnt"
-trap 'cd /; umount "$SCRATCH/mnt" 2>/dev/null; rm -f "$SCRATCH/fs.img"' EXIT
-W="$SCRATCH/mnt"
+. bench/lib.sh
+install_tools
+build_vaultik
+mount_scratch "$SCRATCH" 12G
 C="$W/corpus"
 
 echo "building corpus: $SMALL_FILES small files + $LARGE_MB MB of large files" >&2

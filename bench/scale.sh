@@ -11,23 +11,10 @@ cd "$(dirname "$0")/.."
 SIZES=${SIZES:-"10000 100000 1000000"}
 SCRATCH=${SCRATCH:-/var/tmp/vaultik-scale}
 
-need=()
-command -v restic >/dev/null 2>&1 || need+=(restic)
-[ -x /usr/bin/time ] || need+=(time)
-if [ ${#need[@]} -gt 0 ]; then apt-get update -qq; apt-get install -y -qq "${need[@]}" >/dev/null; fi
-
-cargo build --release --quiet -p edge-agent
-VAULTIK="$PWD/target/release/vaultik"
-
-mkdir -p "$SCRATCH"
-mountpoint -q "$SCRATCH/mnt" 2>/dev/null && umount "$SCRATCH/mnt"
-rm -f "$SCRATCH/fs.img"
-truncate -s 16G "$SCRATCH/fs.img"
-mkfs.ext4 -q -F -N 3000000 "$SCRATCH/fs.img"
-mkdir -p "$SCRATCH/mnt"
-mount -o loop "$SCRATCH/fs.img" "$SCRATCH/mnt"
-trap 'cd /; umount "$SCRATCH/mnt" 2>/dev/null; rm -f "$SCRATCH/fs.img"' EXIT
-W="$SCRATCH/mnt"
+. bench/lib.sh
+install_tools
+build_vaultik
+mount_scratch "$SCRATCH" 16G -N 3000000
 : > "$W/results"
 
 # measure N LABEL TOOL cmd...: appends "n label tool wall rss_kb"

@@ -355,7 +355,11 @@ impl Scanner<'_> {
     }
 
     fn skip(&mut self, path: &Path, err: &dyn std::fmt::Display) {
-        let line = format!("warning: skipped {}: {err}", path.display());
+        self.skipped_line(format!("warning: skipped {}: {err}", path.display()));
+    }
+
+    /// Shows a warning now and lists it again at the end (exit 3).
+    fn skipped_line(&mut self, line: String) {
         self.progress.warn(&line);
         self.skipped.push(line);
     }
@@ -387,12 +391,10 @@ impl Scanner<'_> {
     }
 
     fn skip_xattrs(&mut self, path: &Path, err: &dyn std::fmt::Display) {
-        let line = format!(
+        self.skipped_line(format!(
             "warning: extended attributes of {} not backed up: {err}",
             path.display()
-        );
-        self.progress.warn(&line);
-        self.skipped.push(line);
+        ));
     }
 
     fn file(&mut self, path: &Path, node: i64, stat: FileStat) -> Result<()> {

@@ -575,8 +575,8 @@ impl Index {
             .execute_batch(
                 "INSERT OR IGNORE INTO run.chunks
                      SELECT * FROM main.chunks WHERE id IN (SELECT chunk_id FROM run.file_chunks);
-                 DELETE FROM run.chunks WHERE id NOT IN (SELECT chunk_id FROM run.file_chunks
-                     UNION SELECT chunk_id FROM run.xattrs WHERE chunk_id IS NOT NULL);
+                 DELETE FROM run.chunks WHERE id NOT IN (SELECT chunk_id FROM run.file_chunks)
+                     AND id NOT IN (SELECT chunk_id FROM run.xattrs WHERE chunk_id IS NOT NULL);
                  INSERT OR IGNORE INTO run.blobs
                      SELECT * FROM main.blobs WHERE id IN (SELECT blob_id FROM run.chunks);
                  INSERT OR IGNORE INTO run.blobs

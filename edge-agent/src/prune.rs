@@ -313,8 +313,9 @@ pub fn check_not_future(snaps: &[Manifest], now_ns: i64) -> std::result::Result<
 pub struct Plan {
     pub verdicts: Vec<Verdict>,
     pub blobs: BlobPlan,
-    /// Metadata objects with no manifest (interrupted backups), old enough to delete.
-    pub orphan_metadata: Vec<String>,
+    /// Older than the margin and part of no snapshot: metadata objects without a
+    /// manifest (interrupted backups) and clock probes of killed prunes.
+    pub leftovers: Vec<Object>,
     /// Server time before which unreferenced objects may go.
     pub cutoff_ns: i64,
 }
@@ -344,14 +345,14 @@ impl Plan {
         }
         writeln!(
             out,
-            "{} snapshots kept, {} forgotten; {} blobs referenced; {} blobs to delete ({} bytes freed); {} unreferenced blobs younger than the safety margin kept; {} leftover metadata objects to delete",
+            "{} snapshots kept, {} forgotten; {} blobs referenced; {} blobs to delete ({} bytes freed); {} unreferenced blobs younger than the safety margin kept; {} leftover objects to delete",
             self.verdicts.iter().filter(|v| v.keep()).count(),
             self.forget().count(),
             self.blobs.referenced,
             self.blobs.delete.len(),
             self.blobs.bytes_freed,
             self.blobs.young_unreferenced,
-            self.orphan_metadata.len()
+            self.leftovers.len()
         )
     }
 }
@@ -450,18 +451,19 @@ pub fn plan(repo: &Repo, ids: &Identities, opts: &Options) -> Result<Plan> {
             _ => None,
         })
         .collect();
-    let orphan_metadata = index_objects
+    let leftovers = index_objects
         .iter()
         .filter(|o| o.modified_ns < cutoff)
         .filter_map(|o| match repo.object(&o.key)? {
-            Object::Metadata(id) if !manifest_ids.contains(&id) => Some(id.to_string()),
+            obj @ Object::Metadata(id) if !manifest_ids.contains(&id) => Some(obj),
+            obj @ Object::Clock(_) => Some(obj),
             _ => None,
         })
         .collect();
     Ok(Plan {
         verdicts,
         blobs,
-        orphan_metadata,
+        leftovers,
         cutoff_ns: cutoff,
     })
 }
@@ -480,10 +482,8 @@ pub fn execute(repo: &Repo, plan: &Plan) -> Result<()> {
             repo.delete(&repo.blob_key(&id))?;
         }
     }
-    for m in &plan.orphan_metadata {
-        if let Some(id) = SnapshotId::parse(m) {
-            repo.delete(&repo.metadata_key(&id))?;
-        }
+    for obj in &plan.leftovers {
+        repo.delete(&repo.key_of(*obj))?;
     }
     repo.sweep_staging(plan.cutoff_ns)?;
     Ok(())

@@ -96,6 +96,8 @@ pub enum Object {
     Blob(BlobId),
     Manifest(SnapshotId),
     Metadata(SnapshotId),
+    /// A clock probe of prune (`Repo::server_now`), left behind if prune was killed.
+    Clock([u8; 16]),
 }
 
 /// A repository: an object store, a key prefix, and the layout of keys below it.
@@ -226,6 +228,12 @@ impl Repo {
         self.key(&join_prefix(&self.index_prefix, &format!("{id}.metadata")))
     }
 
+    /// A clock probe: `<index>/<random>.clock`.
+    pub fn clock_key(&self, id: &[u8; 16]) -> Key {
+        let name = format!("{}.clock", hex::encode(id));
+        self.key(&join_prefix(&self.index_prefix, &name))
+    }
+
     /// Classifies a listed key. Anything that is not the canonical key of an id (other
     /// case, other directory, extra suffix) is `None`: an alias must never make prune
     /// read or delete the object it resembles.
@@ -235,15 +243,24 @@ impl Repo {
             Object::Manifest(SnapshotId::parse(id)?)
         } else if let Some(id) = name.strip_suffix(".metadata") {
             Object::Metadata(SnapshotId::parse(id)?)
+        } else if let Some(id) = name.strip_suffix(".clock") {
+            let mut b = [0u8; 16];
+            hex::decode_to_slice(id, &mut b).ok()?;
+            Object::Clock(b)
         } else {
             Object::Blob(BlobId::parse(name)?)
         };
-        let canonical = match obj {
+        (self.key_of(obj).as_ref() == key).then_some(obj)
+    }
+
+    /// The canonical key of an object.
+    pub fn key_of(&self, obj: Object) -> Key {
+        match obj {
             Object::Blob(id) => self.blob_key(&id),
             Object::Manifest(id) => self.manifest_key(&id),
             Object::Metadata(id) => self.metadata_key(&id),
-        };
-        (canonical.as_ref() == key).then_some(obj)
+            Object::Clock(id) => self.clock_key(&id),
+        }
     }
 
     /// Starts a streaming upload. Write to it, then call [`Upload::finish`]; dropping it
@@ -308,8 +325,7 @@ impl Repo {
     /// time it gives a fresh probe object (`<index>/<random>.clock`), deleted at once.
     /// Prune compares it with blob times, which come from the same clock.
     pub fn server_now(&self) -> Result<i64, StoreError> {
-        let name = format!("{}.clock", hex::encode(rand::random::<[u8; 16]>()));
-        let key = self.key(&join_prefix(&self.index_prefix, &name));
+        let key = self.clock_key(&rand::random());
         self.put_new(&key, b"clock".to_vec())?;
         // Listings carry the times prune compares (HEAD's are whole seconds).
         let listed = self.list(&self.index_dir());

@@ -12,7 +12,7 @@ use std::io::Read;
 use crate::crypt::Identities;
 use crate::error::Result;
 use crate::pack::{BlobId, open_frame, parse_blob};
-use crate::restore::{Metadata, open_metadata, read_manifest};
+use crate::restore::{Metadata, open_manifest, open_metadata};
 use crate::store::{Object, Repo, StoreError};
 
 /// How much blob data to download and check.
@@ -125,7 +125,7 @@ pub fn verify(repo: &Repo, ids: &Identities, read: ReadData) -> Result<Report> {
         };
         report.snapshots += 1;
         let sid = id.to_string();
-        let manifest = match read_manifest(repo, ids, &id) {
+        let manifest = match open_manifest(repo, ids, &id, obj.size) {
             Ok(m) => m,
             Err(crate::Error::Key(e @ crate::crypt::KeyError::WrongKey { .. })) => {
                 return Err(e.into());

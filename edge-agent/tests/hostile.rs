@@ -310,8 +310,15 @@ fn a_foreign_manifest_is_skipped_and_stops_prune() {
 #[test]
 fn a_lying_index_in_the_metadata_cannot_disorder_chunk_reads() {
     let f = Forged::new();
-    // A descending index under the name restore would otherwise create itself.
-    f.tamper("CREATE INDEX chunks_blob ON chunks (blob_id, offset DESC)");
+    // An index whose entries run in descending order while its recorded SQL says
+    // ascending, under the name restore would otherwise create itself: SQLite trusts
+    // the SQL, so without a sort of its own restore would see chunks out of order.
+    f.tamper(
+        "CREATE INDEX chunks_blob ON chunks (blob_id, offset DESC);
+         PRAGMA writable_schema = ON;
+         UPDATE sqlite_schema SET sql = 'CREATE INDEX chunks_blob ON chunks (blob_id, offset)'
+             WHERE name = 'chunks_blob';",
+    );
     let target = f.t.path().join("r");
     let (code, err) = f.run(&["restore", target.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{err}");

@@ -60,6 +60,7 @@ fn rclone_ignores_conditional_create_as_documented() {
     assert_eq!(stored, b"second");
 }
 
+/// Also the clock probe a killed prune leaves in the index directory.
 #[test]
 fn prune_sweeps_old_staging_files_of_killed_local_uploads() {
     let t = tempfile::tempdir().unwrap();
@@ -78,6 +79,11 @@ fn prune_sweeps_old_staging_files_of_killed_local_uploads() {
         0,
     );
     filetime::set_file_mtime(&old, three_days_ago).unwrap();
+    let probe = t
+        .path()
+        .join(format!("repo/index/{}.clock", "cd".repeat(16)));
+    std::fs::write(&probe, b"clock").unwrap();
+    filetime::set_file_mtime(&probe, three_days_ago).unwrap();
     let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
     let out = vaultik(&["prune", &local_repo(t.path()), ""], &env);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -86,4 +92,5 @@ fn prune_sweeps_old_staging_files_of_killed_local_uploads() {
         young.exists(),
         "a young staging file (an upload in progress) was removed"
     );
+    assert!(!probe.exists(), "an old clock probe survived prune");
 }

@@ -54,34 +54,21 @@ pub fn list_snapshots(repo: &Repo, ids: &Identities) -> Result<Catalog> {
         if !seen.insert(id) {
             continue;
         }
-        if obj.size > MAX_MANIFEST {
-            cat.unreadable.push((
-                obj.key.clone(),
-                format!("{} bytes is too large for a manifest", obj.size),
-            ));
-            continue;
-        }
-        match read_manifest(repo, ids, &id) {
+        match open_manifest(repo, ids, &id, obj.size) {
             Ok(m) => cat.snapshots.push(m),
             Err(Error::Store(e)) => return Err(e.into()),
             Err(e) => {
-                if let Error::Key(KeyError::WrongKey { .. }) = e {
-                    wrong_key.get_or_insert_with(|| e.to_string());
+                if let Error::Key(KeyError::WrongKey { what }) = &e {
+                    wrong_key.get_or_insert_with(|| what.clone());
                 }
                 cat.unreadable.push((obj.key.clone(), e.to_string()));
             }
         }
     }
     if cat.snapshots.is_empty()
-        && let Some(e) = wrong_key
+        && let Some(what) = wrong_key
     {
-        return Err(Error::Key(KeyError::WrongKey {
-            what: e
-                .split(": the private key")
-                .next()
-                .unwrap_or("snapshots")
-                .to_string(),
-        }));
+        return Err(Error::Key(KeyError::WrongKey { what }));
     }
     cat.snapshots
         .sort_by(|a, b| (a.time_unix_ns, &a.id).cmp(&(b.time_unix_ns, &b.id)));
@@ -89,13 +76,28 @@ pub fn list_snapshots(repo: &Repo, ids: &Identities) -> Result<Catalog> {
 }
 
 pub fn read_manifest(repo: &Repo, ids: &Identities, id: &SnapshotId) -> Result<Manifest> {
-    let what = format!("snapshot {id}");
-    let key = repo.manifest_key(id);
-    let not_found = |e| match e {
+    let size = repo
+        .size(&repo.manifest_key(id))
+        .map_err(|e| not_found(e, id))?;
+    open_manifest(repo, ids, id, size)
+}
+
+fn not_found(e: StoreError, id: &SnapshotId) -> Error {
+    match e {
         StoreError::NotFound { .. } => Error::SnapshotNotFound(id.to_string()),
         e => e.into(),
-    };
-    let size = repo.size(&key).map_err(not_found)?;
+    }
+}
+
+/// Reads and checks the manifest of `id`, whose object is `size` bytes (as listed):
+/// nothing larger than a manifest can be is downloaded.
+pub fn open_manifest(
+    repo: &Repo,
+    ids: &Identities,
+    id: &SnapshotId,
+    size: u64,
+) -> Result<Manifest> {
+    let what = format!("snapshot {id}");
     if size > MAX_MANIFEST {
         return Err(KeyError::Decrypt {
             what,
@@ -103,7 +105,9 @@ pub fn read_manifest(repo: &Repo, ids: &Identities, id: &SnapshotId) -> Result<M
         }
         .into());
     }
-    let sealed = repo.get(&key).map_err(not_found)?;
+    let sealed = repo
+        .get(&repo.manifest_key(id))
+        .map_err(|e| not_found(e, id))?;
     let mut json = Vec::new();
     ids.decrypt(&sealed[..], &what)?
         .take(MAX_MANIFEST)
@@ -283,6 +287,7 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
         .ok_or_else(|| Error::Pipeline(format!("{what}: no chunk key")))?;
     conn.execute_batch(
         "CREATE INDEX IF NOT EXISTS fc_chunk ON file_chunks (chunk_id);
+         CREATE INDEX IF NOT EXISTS xattrs_chunk ON xattrs (chunk_id);
          CREATE INDEX IF NOT EXISTS chunks_blob ON chunks (blob_id, offset);",
     )?;
     Ok(Metadata {

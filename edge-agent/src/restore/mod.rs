@@ -26,7 +26,9 @@ use std::sync::Mutex;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-pub use catalog::{Catalog, Metadata, list_snapshots, open_metadata, read_manifest, resolve};
+pub use catalog::{
+    Catalog, Metadata, list_snapshots, open_manifest, open_metadata, read_manifest, resolve,
+};
 pub use plan::Selection;
 pub use target::TargetError;
 
@@ -203,7 +205,8 @@ fn plan_and_create(
                      OR EXISTS (SELECT 1 FROM vaultik_sel WHERE node_id = ?2)",
             )?
             .query_row(params![node.path, node.id], |r| r.get(0))?;
-        let decision = match sel.dest_of(&node.path) {
+        let dest = sel.dest_of(&node.path);
+        let decision = match &dest {
             _ if seen => Decision::Refuse("its path or id appears twice in the snapshot".into()),
             None => Decision::Refuse("outside the selection".into()),
             Some(_) => {
@@ -215,7 +218,14 @@ fn plan_and_create(
                 plan::decide(&node, parent, link)
             }
         };
-        act(conn, sel, target, report, &node, decision)?;
+        act(
+            conn,
+            target,
+            report,
+            &node,
+            &dest.unwrap_or_default(),
+            decision,
+        )?;
     }
     Ok(())
 }
@@ -277,15 +287,15 @@ fn link_first(conn: &Connection, sel: &Selection, node: &Node) -> Result<LinkFir
     )
 }
 
+/// Carries out one decision; `dest` is where the entry lands below the root.
 fn act(
     conn: &Connection,
-    sel: &Selection,
     target: &mut Target,
     report: &mut Report,
     node: &Node,
+    dest: &[u8],
     decision: Decision,
 ) -> Result<()> {
-    let dest = sel.dest_of(&node.path).unwrap_or_default();
     let mut created_size = None;
     let (kind, data_node) = match decision {
         Decision::Refuse(why) => {
@@ -293,12 +303,12 @@ fn act(
             return Ok(());
         }
         Decision::Dir => {
-            target.mkdir(&dest)?;
+            target.mkdir(dest)?;
             report.dirs += 1;
             ("dir", None)
         }
         Decision::File { data_node, size } => {
-            target.create_file(&dest, size)?;
+            target.create_file(dest, size)?;
             created_size = Some(size);
             report.files += 1;
             report.bytes += size;
