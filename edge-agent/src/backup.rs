@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -53,6 +53,44 @@ pub struct Outcome {
     pub skipped: Vec<String>,
 }
 
+/// Walks the tree a second time, stat only, to add up the bytes the backup will read,
+/// then gives the total to the progress line. Stops early when `stop` is set.
+fn scan_ahead(
+    roots: Vec<std::path::PathBuf>,
+    excludes: Excludes,
+    progress: Progress,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut total = 0u64;
+        let walked = walk(
+            &roots,
+            &excludes,
+            |e: Entry| {
+                if stop.load(Ordering::Relaxed) {
+                    return Err(());
+                }
+                if e.meta.is_file() {
+                    total = total.saturating_add(e.meta.len());
+                }
+                Ok(Visit::Continue)
+            },
+            |_, _| {},
+        );
+        if walked.is_ok() {
+            progress.set_total(total);
+        }
+    })
+}
+
+/// How a file compares with the previous snapshot, for the summary.
+#[derive(Clone, Copy)]
+enum Change {
+    New,
+    Changed,
+    Unmodified,
+}
+
 struct NewChunk {
     id: ChunkId,
     data: Vec<u8>,
@@ -79,6 +117,20 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     let mut index = Index::open(&config.index_path)?;
     let hasher = ChunkHasher::new(index.chunk_key()?);
     index.begin_run()?;
+    let stop_ahead = Arc::new(AtomicBool::new(false));
+    let mut ahead = None;
+    if opts.progress.is_shown() {
+        // The previous snapshot's size is the estimate until the scan ahead is done.
+        if let Some(bytes) = index.last_snapshot_bytes()? {
+            opts.progress.set_total(bytes);
+        }
+        ahead = Some(scan_ahead(
+            roots.paths.clone(),
+            excludes.clone(),
+            opts.progress.clone(),
+            stop_ahead.clone(),
+        ));
+    }
     for notice in index.take_notices() {
         opts.progress.warn(&notice);
     }
@@ -139,6 +191,10 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
             walk_skipped.push(line);
         },
     );
+    stop_ahead.store(true, Ordering::Relaxed);
+    if let Some(t) = ahead {
+        let _ = t.join();
+    }
     // Closing the chunk queue lets the workers and then the packer drain and stop.
     let flushed = scan.flush();
     scan.chunk_tx = None;
@@ -398,12 +454,18 @@ impl Scanner<'_> {
     }
 
     fn file(&mut self, path: &Path, node: i64, stat: FileStat) -> Result<()> {
+        let prev = self.index.prev_file(relative_bytes(path))?;
+        let change = match &prev {
+            None => Change::New,
+            Some((_, p)) if *p == stat => Change::Unmodified,
+            Some(_) => Change::Changed,
+        };
         if !self.rehash
-            && let Some((old, prev)) = self.index.prev_file(relative_bytes(path))?
+            && let Some((old, prev)) = prev
             && prev == stat
         {
             self.index.reuse_chunks(old, node)?;
-            self.summary.files += 1;
+            self.count_file(change);
             self.summary.bytes += stat.size;
             self.progress.add_bytes(stat.size);
             return Ok(());
@@ -435,10 +497,20 @@ impl Scanner<'_> {
             // The file changed while it was read; record what was actually stored.
             self.index.set_size(node, offset)?;
         }
-        self.summary.files += 1;
+        self.count_file(change);
         self.summary.bytes += offset;
         self.summary.bytes_read += offset;
         Ok(())
+    }
+
+    fn count_file(&mut self, change: Change) {
+        let s = &mut self.summary;
+        s.files += 1;
+        match change {
+            Change::New => s.files_new += 1,
+            Change::Changed => s.files_changed += 1,
+            Change::Unmodified => s.files_unmodified += 1,
+        }
     }
 
     /// Queues a chunk for upload unless it is stored already or on its way.

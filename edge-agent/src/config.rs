@@ -288,6 +288,8 @@ struct RawConfig {
     compression_level: Option<i32>,
     #[serde(default)]
     hostname: Option<String>,
+    #[serde(default)]
+    retry_for: Option<Interval>,
 }
 
 /// A validated agent configuration.
@@ -306,6 +308,8 @@ pub struct Config {
     pub index_prefix: String,
     pub compression_level: i32,
     pub hostname: Option<String>,
+    /// How long each storage request is retried through transient failures.
+    pub retry_for: Duration,
 }
 
 impl Config {
@@ -333,7 +337,7 @@ impl Config {
             {
                 msg = format!("{msg} at line {line}");
             }
-            if path == "." || msg.contains(&path) {
+            if path == "." || path == "?" || msg.contains(&path) {
                 invalid(msg)
             } else {
                 invalid(format!("{path}: {msg}"))
@@ -351,6 +355,15 @@ impl Config {
             return Err(invalid(
                 "age_recipient: missing (an age public key, age1…; see `vaultik keygen`)".into(),
             ));
+        }
+        for r in &recipients {
+            crate::crypt::Recipients::parse(std::slice::from_ref(r)).map_err(|e| {
+                let line = text.lines().position(|l| l.contains(r.trim()));
+                invalid(match line {
+                    Some(i) => format!("{e} at line {}", i + 1),
+                    None => e.to_string(),
+                })
+            })?;
         }
         let destination = match (raw.destination, raw.s3) {
             (Some(_), Some(_)) => {
@@ -415,6 +428,9 @@ impl Config {
                 .map_or_else(|| DEFAULT_INDEX_PREFIX.to_string(), |p| join_prefix(&p, "")),
             compression_level,
             hostname: raw.hostname,
+            retry_for: raw
+                .retry_for
+                .map_or(crate::store::retry::DEFAULT_RETRY_FOR, |i| i.0),
         })
     }
 }
@@ -438,7 +454,7 @@ fn line_of_key(text: &str, path: &str) -> Option<usize> {
 mod tests {
     use super::*;
 
-    const SEED: &str = "source_dirs:\n  - /etc\n  - /home/user/data\nexclude:\n  - '*.log'\n  - '*.tmp'\nage_recipient: age1xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\ns3:\n  endpoint: https://s3.example.com\n  bucket: vaultik-data\n  prefix: host1/\n  access_key_id: AK\n  secret_access_key: SK\n  region: us-east-1\nbackup_interval: 1h\nfull_scan_interval: 24h\nmin_time_between_run: 15m\nindex_path: /var/lib/vaultik/index.sqlite\nchunk_size: 10MB\nblob_size_limit: 10GB\nindex_prefix: index/\n";
+    const SEED: &str = "source_dirs:\n  - /etc\n  - /home/user/data\nexclude:\n  - '*.log'\n  - '*.tmp'\nage_recipient: age1dt9fd0f6ces2mkxh02yfuz7w7xauncwptqdtdkxseczm5f2ff5lscn5a5x\ns3:\n  endpoint: https://s3.example.com\n  bucket: vaultik-data\n  prefix: host1/\n  access_key_id: AK\n  secret_access_key: SK\n  region: us-east-1\nbackup_interval: 1h\nfull_scan_interval: 24h\nmin_time_between_run: 15m\nindex_path: /var/lib/vaultik/index.sqlite\nchunk_size: 10MB\nblob_size_limit: 10GB\nindex_prefix: index/\n";
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.yaml"))

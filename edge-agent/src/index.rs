@@ -374,6 +374,16 @@ impl Index {
         self.conn.execute_batch("COMMIT; BEGIN").map_err(self.e())
     }
 
+    /// Bytes of file content in the previous snapshot, if there is one.
+    pub fn last_snapshot_bytes(&self) -> Result<Option<u64>> {
+        self.conn
+            .query_row("SELECT count(*), total(size) FROM main.files", [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?))
+            })
+            .map(|(n, total)| (n > 0).then_some(total as u64))
+            .map_err(self.e())
+    }
+
     pub fn prev_file(&self, path: &[u8]) -> Result<Option<(i64, FileStat)>> {
         self.conn
             .prepare_cached(

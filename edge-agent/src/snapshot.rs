@@ -42,6 +42,14 @@ impl fmt::Debug for SnapshotId {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Summary {
     pub files: u64,
+    /// Files that were not in the previous snapshot of this agent.
+    #[serde(default)]
+    pub files_new: u64,
+    /// Files whose size, times or inode changed since then.
+    #[serde(default)]
+    pub files_changed: u64,
+    #[serde(default)]
+    pub files_unmodified: u64,
     pub dirs: u64,
     pub symlinks: u64,
     pub hardlinks: u64,
@@ -146,6 +154,25 @@ impl fmt::Display for AgentId {
     }
 }
 
+/// Shortest prefix length, at least `min`, that tells every id of `ids` apart: tables
+/// show ids this long, and any unique prefix is accepted where an id is.
+pub fn short_id_len(ids: &[&str], min: usize) -> usize {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    let common = sorted
+        .windows(2)
+        .map(|w| {
+            w[0].bytes()
+                .zip(w[1].bytes())
+                .take_while(|(a, b)| a == b)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    let longest = ids.iter().map(|s| s.len()).max().unwrap_or(0);
+    (common + 1).max(min).min(longest)
+}
+
 /// Schema of the metadata database, part 1: nodes and their extended attributes. Paths
 /// are raw bytes relative to `/`.
 pub const NODE_SCHEMA: &str = "
@@ -239,4 +266,20 @@ pub fn meta_value(conn: &rusqlite::Connection, key: &str) -> rusqlite::Result<Op
     use rusqlite::OptionalExtension;
     conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
         .optional()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_ids_are_unique_and_at_least_the_minimum() {
+        assert_eq!(short_id_len(&[], 8), 0);
+        assert_eq!(short_id_len(&["0123456789abcdef"], 8), 8);
+        assert_eq!(
+            short_id_len(&["0123456789abcdef", "0123456789abffff", "ffff"], 8),
+            13
+        );
+        assert_eq!(short_id_len(&["abc", "abd"], 8), 3);
+    }
 }

@@ -420,6 +420,8 @@ fn a_failed_manifest_upload_is_not_adopted_as_dedup_base() {
     };
     let no_manifest = cfg_for(&s3.no_put_endpoint, "no-manifest.yaml");
     let dead = cfg_for("http://127.0.0.1:1", "dead.yaml");
+    let text = std::fs::read_to_string(&dead).unwrap();
+    std::fs::write(&dead, format!("{text}retry_for: 1s\n")).unwrap();
     backup_ok(&good);
     // New data whose blobs upload, but whose manifest does not.
     write_file(&src.join("new.bin"), &pseudo_random(200_000, 2));

@@ -6,7 +6,7 @@
 mod common;
 
 use edge_agent::config::{Destination, S3Target};
-use edge_agent::store::{Repo, StoreError};
+use edge_agent::store::{OpenOptions, Repo, StoreError};
 
 use common::*;
 
@@ -24,7 +24,12 @@ fn s3(endpoint: &str) -> Destination {
 /// Puts one object twice with `put_new`; returns the second outcome and what is stored.
 fn put_twice(dest: &Destination) -> (Result<(), StoreError>, Vec<u8>) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let repo = Repo::open(dest, "index", true, rt.handle().clone()).unwrap();
+    let opts = OpenOptions {
+        index_prefix: "index",
+        create: true,
+        retry_for: std::time::Duration::from_secs(5),
+    };
+    let repo = Repo::open(dest, &opts, rt.handle().clone()).unwrap();
     let id = edge_agent::snapshot::SnapshotId::random();
     let key = repo.manifest_key(&id);
     repo.put_new(&key, b"first".to_vec()).unwrap();

@@ -15,6 +15,7 @@
 
 mod blobs;
 mod catalog;
+pub mod listing;
 pub mod plan;
 mod target;
 
@@ -135,6 +136,14 @@ pub fn restore(
     plan_and_create(conn, sel, &mut target, &mut report)?;
     check_chunk_lists(conn, &target, &mut report)?;
     tx.commit()?;
+    if opts.progress.is_shown() {
+        let total: f64 = conn.query_row(
+            "SELECT total(size) FROM vaultik_sel WHERE kind = 'file'",
+            [],
+            |r| r.get(0),
+        )?;
+        opts.progress.set_total(total as u64);
+    }
     check_xattr_chunks(conn, &target, &mut report)?;
     let xattrs = XattrValues::new()?;
     write_data(repo, ids, meta, &target, &xattrs, &opts, &mut report)?;

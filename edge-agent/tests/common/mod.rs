@@ -182,6 +182,11 @@ pub struct CountingProxy {
 
 impl CountingProxy {
     pub fn start(upstream: &str) -> Self {
+        Self::start_on(0, upstream)
+    }
+
+    /// A proxy on a given port (0 for any), e.g. one a client was already told about.
+    pub fn start_on(port: u16, upstream: &str) -> Self {
         let up: SocketAddr = upstream.trim_start_matches("http://").parse().unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -189,7 +194,7 @@ impl CountingProxy {
             .build()
             .unwrap();
         let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let down = Arc::new(AtomicU64::new(0));
@@ -545,7 +550,11 @@ pub fn restored(target: &Path, source: &Path) -> PathBuf {
     target.join(source.strip_prefix("/").unwrap())
 }
 
+/// Writes a file, making its directory first.
 pub fn write_file(path: &Path, data: &[u8]) {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
     let mut f = std::fs::File::create(path).unwrap();
     f.write_all(data).unwrap();
 }

@@ -14,8 +14,7 @@ use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as Key;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, RetryConfig,
-    WriteMultipart,
+    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, WriteMultipart,
 };
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -23,6 +22,9 @@ use tokio::sync::mpsc;
 use crate::config::{Destination, join_prefix};
 use crate::pack::BlobId;
 use crate::snapshot::SnapshotId;
+
+pub mod fault;
+pub mod retry;
 
 /// Multipart part size: S3's minimum, so an upload holds little memory.
 pub const PART_SIZE: usize = 5 << 20;
@@ -37,12 +39,13 @@ pub enum StoreError {
     Open { dest: String, message: String },
     #[error("object {key} not found")]
     NotFound { key: String },
-    #[error("{op} {key}: {source}")]
+    /// A request failed; `summary` says why in one line, cause first.
+    #[error("{summary}")]
     Op {
         op: &'static str,
         key: String,
-        #[source]
-        source: object_store::Error,
+        summary: String,
+        cause: Box<object_store::Error>,
     },
     #[error("upload of {key} stopped before it finished")]
     Interrupted { key: String },
@@ -57,7 +60,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    fn op(op: &'static str, key: &Key, source: object_store::Error) -> Self {
+    fn op(op: &'static str, key: &Key, place: &fault::Place, source: object_store::Error) -> Self {
         match source {
             object_store::Error::NotFound { .. } => StoreError::NotFound {
                 key: key.to_string(),
@@ -65,13 +68,36 @@ impl StoreError {
             object_store::Error::AlreadyExists { .. } => StoreError::Exists {
                 key: key.to_string(),
             },
-            source => StoreError::Op {
+            cause => StoreError::Op {
                 op,
                 key: key.to_string(),
-                source,
+                summary: fault::summarize(&cause, place, op, key.as_ref()),
+                cause: Box::new(cause),
             },
         }
     }
+
+    /// What `--verbose` adds: the request and the whole error chain.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            StoreError::Op { op, key, cause, .. } => {
+                Some(format!("{op} {key}: {}", fault::detail(cause)))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// How a repository is opened.
+#[derive(Debug, Clone)]
+pub struct OpenOptions<'a> {
+    /// Where manifests and metadata live below the prefix.
+    pub index_prefix: &'a str,
+    /// Make a missing local directory (backup side); restore-side commands want an
+    /// error instead.
+    pub create: bool,
+    /// How long each request is retried through transient failures.
+    pub retry_for: Duration,
 }
 
 /// What an upload produced: the object's size and BLAKE3 of its bytes.
@@ -112,6 +138,8 @@ pub struct Repo {
     no_ranges: Arc<std::sync::atomic::AtomicBool>,
     /// The directory of a `file://` destination, for sweeping staging files.
     local_root: Option<PathBuf>,
+    /// What error messages name.
+    place: Arc<fault::Place>,
 }
 
 fn install_crypto_provider() {
@@ -123,15 +151,10 @@ fn install_crypto_provider() {
 }
 
 impl Repo {
-    /// Opens a destination. `create` makes a missing local directory (backup side);
-    /// restore-side commands want an error instead.
-    pub fn open(
-        dest: &Destination,
-        index_prefix: &str,
-        create: bool,
-        rt: Handle,
-    ) -> Result<Self, StoreError> {
+    /// Opens a destination.
+    pub fn open(dest: &Destination, opts: &OpenOptions, rt: Handle) -> Result<Self, StoreError> {
         install_crypto_provider();
+        let create = opts.create;
         let store: Arc<dyn ObjectStore> = match dest {
             Destination::Local { root, .. } => {
                 let open_err = |message: String| StoreError::Open {
@@ -149,10 +172,7 @@ impl Repo {
             }
             Destination::S3(t) => {
                 let mut b = AmazonS3Builder::from_env().with_bucket_name(&t.bucket);
-                let endpoint = t
-                    .endpoint
-                    .clone()
-                    .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+                let endpoint = endpoint(t);
                 if let Some(ep) = &endpoint {
                     b = b.with_endpoint(ep).with_virtual_hosted_style_request(false);
                 }
@@ -177,11 +197,7 @@ impl Repo {
                             .with_connect_timeout(Duration::from_secs(10))
                             .with_timeout(Duration::from_secs(300)),
                     )
-                    .with_retry(RetryConfig {
-                        backoff: BackoffConfig::default(),
-                        max_retries: 4,
-                        retry_timeout: Duration::from_secs(60),
-                    });
+                    .with_retry(retry::config(opts.retry_for));
                 Arc::new(b.build().map_err(|e| StoreError::Open {
                     dest: format!("s3://{}", t.bucket),
                     message: e.to_string(),
@@ -191,14 +207,19 @@ impl Repo {
         Ok(Repo {
             store,
             prefix: join_prefix(dest.prefix(), ""),
-            index_prefix: join_prefix(index_prefix, ""),
+            index_prefix: join_prefix(opts.index_prefix, ""),
             rt,
             no_ranges: Arc::default(),
             local_root: match dest {
                 Destination::Local { root, prefix } => Some(root.join(prefix)),
                 Destination::S3(_) => None,
             },
+            place: Arc::new(place(dest)),
         })
+    }
+
+    fn fail(&self, op: &'static str, key: &Key, e: object_store::Error) -> StoreError {
+        StoreError::op(op, key, &self.place, e)
     }
 
     fn key(&self, rest: &str) -> Key {
@@ -269,11 +290,12 @@ impl Repo {
         let (tx, mut rx) = mpsc::channel::<Bytes>(1);
         let store = self.store.clone();
         let task_key = key.clone();
+        let place = self.place.clone();
         let task = self.rt.spawn(async move {
             let up = store
                 .put_multipart(&task_key)
                 .await
-                .map_err(|e| StoreError::op("start upload", &task_key, e))?;
+                .map_err(|e| StoreError::op("start upload", &task_key, &place, e))?;
             let mut w = WriteMultipart::new_with_chunk_size(up, PART_SIZE);
             let mut finished = false;
             while let Some(b) = rx.recv().await {
@@ -284,7 +306,7 @@ impl Repo {
                 }
                 if let Err(e) = w.wait_for_capacity(PARTS_IN_FLIGHT).await {
                     let _ = w.abort().await;
-                    return Err(StoreError::op("upload", &task_key, e));
+                    return Err(StoreError::op("upload", &task_key, &place, e));
                 }
                 w.put(b);
             }
@@ -296,7 +318,7 @@ impl Repo {
             }
             w.finish()
                 .await
-                .map_err(|e| StoreError::op("finish upload", &task_key, e))?;
+                .map_err(|e| StoreError::op("finish upload", &task_key, &place, e))?;
             Ok(())
         });
         Upload {
@@ -318,7 +340,7 @@ impl Repo {
         self.rt
             .block_on(self.store.put_opts(key, data.into(), opts))
             .map(|_| ())
-            .map_err(|e| StoreError::op("put", key, e))
+            .map_err(|e| self.fail("put", key, e))
     }
 
     /// The storage server's clock, in nanoseconds since the epoch: the modification
@@ -384,7 +406,7 @@ impl Repo {
     pub fn get(&self, key: &Key) -> Result<Bytes, StoreError> {
         self.rt
             .block_on(async { self.store.get(key).await?.bytes().await })
-            .map_err(|e| StoreError::op("get", key, e))
+            .map_err(|e| self.fail("get", key, e))
     }
 
     /// Reads `range` of an object whose size is `len`.
@@ -400,7 +422,7 @@ impl Repo {
                     self.no_ranges
                         .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                StoreError::op("get range of", key, e)
+                self.fail("get range of", key, e)
             })
     }
 
@@ -414,12 +436,13 @@ impl Repo {
         let s = self
             .rt
             .block_on(self.store.get(key))
-            .map_err(|e| StoreError::op("get", key, e))?
+            .map_err(|e| self.fail("get", key, e))?
             .into_stream();
         Ok(ObjectStream {
             inner: s,
             rt: self.rt.clone(),
             key: key.clone(),
+            place: self.place.clone(),
         })
     }
 
@@ -437,7 +460,7 @@ impl Repo {
         self.rt
             .block_on(self.store.head(key))
             .map(|m| m.size)
-            .map_err(|e| StoreError::op("stat", key, e))
+            .map_err(|e| self.fail("stat", key, e))
     }
 
     /// Lists every object under `dir`. A failed listing is an error, never "empty".
@@ -453,13 +476,13 @@ impl Repo {
                     })
                     .collect()
             })
-            .map_err(|e| StoreError::op("list", dir, e))
+            .map_err(|e| self.fail("list", dir, e))
     }
 
     pub fn delete(&self, key: &Key) -> Result<(), StoreError> {
         self.rt
             .block_on(self.store.delete(key))
-            .map_err(|e| StoreError::op("delete", key, e))
+            .map_err(|e| self.fail("delete", key, e))
     }
 }
 
@@ -474,6 +497,7 @@ pub struct ObjectStream {
     inner: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
     rt: Handle,
     key: Key,
+    place: Arc<fault::Place>,
 }
 
 impl ObjectStream {
@@ -483,7 +507,7 @@ impl ObjectStream {
         self.rt
             .block_on(self.inner.next())
             .transpose()
-            .map_err(|e| StoreError::op("get", &self.key, e))
+            .map_err(|e| StoreError::op("get", &self.key, &self.place, e))
     }
 }
 
@@ -532,12 +556,12 @@ pub struct Upload {
 }
 
 impl Upload {
-    fn send(&mut self, b: Bytes) -> io::Result<()> {
+    fn send(&mut self, b: Bytes) -> Result<(), StoreError> {
         let sent = self.tx.as_ref().map(|tx| tx.blocking_send(b));
         match sent {
             Some(Ok(())) => Ok(()),
             // The task ended early: surface its error rather than a closed channel.
-            _ => Err(io::Error::other(self.join_err())),
+            _ => Err(self.join_err()),
         }
     }
 
@@ -555,9 +579,9 @@ impl Upload {
     pub fn finish(mut self) -> Result<Uploaded, StoreError> {
         let rest = std::mem::take(&mut self.buf);
         if !rest.is_empty() {
-            self.send(rest.into()).map_err(|_| self.join_err())?;
+            self.send(rest.into())?;
         }
-        self.send(Bytes::new()).map_err(|_| self.join_err())?;
+        self.send(Bytes::new())?;
         self.tx = None;
         match self.task.take().map(|t| self.rt.block_on(t)) {
             Some(Ok(Ok(()))) => Ok(Uploaded {
@@ -579,7 +603,7 @@ impl Write for Upload {
         self.buf.extend_from_slice(data);
         if self.buf.len() >= HANDOFF {
             let full = std::mem::replace(&mut self.buf, Vec::with_capacity(HANDOFF));
-            self.send(full.into())?;
+            self.send(full.into()).map_err(io::Error::other)?;
         }
         Ok(data.len())
     }
@@ -593,6 +617,27 @@ impl Drop for Upload {
     fn drop(&mut self) {
         // Closing the channel without the finish signal makes the task abort the upload.
         self.tx = None;
+    }
+}
+
+/// The S3 endpoint: the config's, else `AWS_ENDPOINT_URL`, else AWS itself (`None`).
+fn endpoint(t: &crate::config::S3Target) -> Option<String> {
+    t.endpoint
+        .clone()
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+}
+
+/// Where requests go, as error messages name it.
+fn place(dest: &Destination) -> fault::Place {
+    match dest {
+        Destination::S3(t) => fault::Place {
+            endpoint: endpoint(t).unwrap_or_else(|| format!("s3://{}", t.bucket)),
+            bucket: Some(t.bucket.clone()),
+        },
+        Destination::Local { root, .. } => fault::Place {
+            endpoint: root.display().to_string(),
+            bucket: None,
+        },
     }
 }
 

@@ -1,0 +1,401 @@
+//! The commands: each opens what it needs, drives the library, and prints the result.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use edge_agent::backup;
+use edge_agent::config::{Config, Destination, S3Target};
+use edge_agent::crypt::{Identities, keygen};
+use edge_agent::progress::{self, Progress};
+use edge_agent::restore::{self, Selection};
+use edge_agent::store::retry::{DEFAULT_RETRY_FOR, Notice, RetryNotices};
+use edge_agent::store::{self, OpenOptions, Repo, StoreError};
+
+pub mod args;
+mod show;
+
+use args::{Cli, Cmd, RepoArgs, RestoreArgs};
+
+const EXIT_PARTIAL: u8 = 3;
+
+/// The error and its causes on one line, each distinct message once.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for c in e.chain() {
+        let s = c.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}
+
+/// What `--verbose` adds under the error line: the failed request and its whole chain.
+pub fn details(e: &anyhow::Error) -> Vec<String> {
+    e.chain()
+        .filter_map(|c| {
+            c.downcast_ref::<StoreError>()
+                .or_else(|| match c.downcast_ref() {
+                    Some(edge_agent::Error::Store(s)) => Some(s),
+                    _ => None,
+                })
+        })
+        .filter_map(StoreError::detail)
+        .map(|d| format!("detail: {d}"))
+        .collect()
+}
+
+/// Prints a line for each storage retry, unless `quiet` (cron mode), so that a long
+/// outage is visible while it is ridden out.
+fn announce_retries(window: Duration, verbose: bool, quiet: bool) {
+    if quiet {
+        return;
+    }
+    let window = humantime::format_duration(window).to_string();
+    let on_notice = move |n: &Notice| {
+        let mut line = format!(
+            "vaultik: storage: {}; retry {} in {:.0}s (retrying for up to {window}, see --retry-for)",
+            n.reason,
+            n.attempt,
+            n.wait.as_secs_f64().ceil()
+        );
+        if verbose {
+            line = format!("{line}\n  detail: {}", n.detail);
+        }
+        progress::notice(&line);
+    };
+    // Only fails if a subscriber is installed already, and then that one reports.
+    let _ = tracing::subscriber::set_global_default(RetryNotices::new(on_notice));
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let Cli {
+        verbose,
+        retry_for,
+        cmd,
+    } = cli;
+    match cmd {
+        Cmd::Keygen { output } => {
+            let (text, public) = keygen();
+            match output {
+                Some(path) => write_key(&path, &text)?,
+                None => print!("{text}"),
+            }
+            eprintln!("Public key: {public}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Backup {
+            config,
+            cron,
+            daemon,
+            rehash,
+        } => {
+            let cfg = Config::load(&config)?;
+            let window = retry_for.unwrap_or(cfg.retry_for);
+            announce_retries(window, verbose, cron);
+            let rt = runtime()?;
+            let opts = OpenOptions {
+                index_prefix: &cfg.index_prefix,
+                create: true,
+                retry_for: window,
+            };
+            let repo = Repo::open(&cfg.destination, &opts, rt.handle().clone())?;
+            if daemon {
+                return daemon_loop(&cfg, &repo, rehash);
+            }
+            backup_once(&cfg, &repo, !cron, rehash)
+        }
+        Cmd::Snapshots { repo, json } => {
+            let side = RestoreSide::open(&repo, retry_for, verbose)?;
+            let catalog = restore::list_snapshots(&side.repo, &side.ids)?;
+            for w in catalog.warnings() {
+                eprintln!("{w}");
+            }
+            let list = catalog.snapshots;
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &list)?;
+                writeln!(out)?;
+            } else {
+                show::snapshots(&list, &mut out)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Ls {
+            repo,
+            snapshot,
+            path,
+            long,
+            recursive,
+            json,
+        } => {
+            let side = RestoreSide::open(&repo, retry_for, verbose)?;
+            let meta = side.metadata(&snapshot.snapshot)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let path = path.as_deref().unwrap_or("/");
+            if json {
+                let mut list = show::JsonList::new(&mut out)?;
+                restore::listing::list(&meta.conn, path, recursive, |e| list.push(e))?;
+                list.finish()?;
+            } else {
+                restore::listing::list(&meta.conn, path, recursive, |e| {
+                    show::entry(e, long, &mut out)
+                })?;
+            }
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Verify {
+            bucket,
+            prefix,
+            config,
+            index_prefix,
+            read_data,
+            read_data_subset,
+        } => {
+            use edge_agent::verify::{self, ReadData};
+            let read = match (read_data, read_data_subset) {
+                (true, _) => ReadData::All,
+                (false, Some(p)) => ReadData::Subset(p),
+                (false, None) => ReadData::None,
+            };
+            let report = match (bucket, config) {
+                (Some(bucket), config) => {
+                    let args = RepoArgs {
+                        bucket,
+                        prefix: prefix.unwrap_or_default(),
+                        config,
+                        index_prefix,
+                    };
+                    let side = RestoreSide::open(&args, retry_for, verbose)?;
+                    verify::verify(&side.repo, &side.ids, read)?
+                }
+                (None, Some(config)) => {
+                    if read != ReadData::None {
+                        bail!(
+                            "reading blob data needs the private key: give <bucket> <prefix> and set VAULTIK_PRIVATE_KEY"
+                        );
+                    }
+                    let cfg = Config::load(&config)?;
+                    let window = retry_for.unwrap_or(cfg.retry_for);
+                    announce_retries(window, verbose, false);
+                    let rt = runtime()?;
+                    let opts = OpenOptions {
+                        index_prefix: &cfg.index_prefix,
+                        create: false,
+                        retry_for: window,
+                    };
+                    let repo = Repo::open(&cfg.destination, &opts, rt.handle().clone())?;
+                    if !cfg.index_path.exists() {
+                        bail!(
+                            "no local index at {}: nothing to verify until a backup has run",
+                            cfg.index_path.display()
+                        );
+                    }
+                    let index = edge_agent::index::Index::open_read_only(&cfg.index_path)?;
+                    verify::verify_from_index(&repo, &index)?
+                }
+                (None, None) => {
+                    bail!("give <bucket> <prefix> (with the private key) or --config (agent mode)")
+                }
+            };
+            report.print(&mut std::io::stdout().lock())?;
+            Ok(if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_PARTIAL)
+            })
+        }
+        Cmd::Prune {
+            repo,
+            policy,
+            safety_margin,
+            dry_run,
+            allow_future_snapshots,
+            allow_short_margin,
+        } => {
+            let side = RestoreSide::open(&repo, retry_for, verbose)?;
+            let opts = edge_agent::prune::Options {
+                policy: policy.policy(),
+                margin: safety_margin,
+                dry_run,
+                allow_future: allow_future_snapshots,
+                allow_short_margin,
+            };
+            edge_agent::prune::run(&side.repo, &side.ids, &opts, &mut std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Restore {
+            repo,
+            snapshot,
+            target_dir,
+            opts,
+        } => {
+            refuse_non_directory(&target_dir)?;
+            let side = RestoreSide::open(&repo, retry_for, verbose)?;
+            side.restore(&snapshot.snapshot, &Selection::all(&target_dir), &opts)
+        }
+        Cmd::Fetch {
+            repo,
+            snapshot,
+            filepath,
+            target,
+            opts,
+        } => {
+            refuse_non_directory(&target)?;
+            let side = RestoreSide::open(&repo, retry_for, verbose)?;
+            side.restore(
+                &snapshot.snapshot,
+                &Selection::one(&filepath, &target),
+                &opts,
+            )
+        }
+    }
+}
+
+fn refuse_non_directory(target: &Path) -> Result<()> {
+    if target.exists() && !target.is_dir() {
+        bail!(
+            "{} exists and is not a directory: refusing to overwrite it",
+            target.display()
+        );
+    }
+    Ok(())
+}
+
+fn write_key(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating key file {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing key file {}", path.display()))
+}
+
+fn backup_once(cfg: &Config, repo: &Repo, show: bool, rehash: bool) -> Result<ExitCode> {
+    let progress = Progress::new(show, "backup");
+    let out = backup::run(cfg, repo, backup::Options { progress, rehash })?;
+    if show {
+        eprintln!(
+            "{}",
+            show::backup_summary(&out, &store::describe(&cfg.destination))
+        );
+    }
+    if !out.skipped.is_empty() {
+        eprintln!(
+            "vaultik: snapshot {} is missing {} entries that could not be read (listed above)",
+            out.snapshot,
+            out.skipped.len()
+        );
+        return Ok(ExitCode::from(EXIT_PARTIAL));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Backs up every `backup_interval` (default 1h), never closer than
+/// `min_time_between_run`. A failed run is reported and retried at the next tick.
+fn daemon_loop(cfg: &Config, repo: &Repo, rehash: bool) -> Result<ExitCode> {
+    let every = cfg.backup_interval.unwrap_or(Duration::from_secs(3600));
+    let min_gap = cfg.min_time_between_run.unwrap_or(Duration::ZERO);
+    loop {
+        let started = Instant::now();
+        if let Err(e) = backup_once(cfg, repo, false, rehash) {
+            eprintln!("vaultik: backup failed: {}", one_line(&e));
+        }
+        std::thread::sleep(every.max(min_gap).saturating_sub(started.elapsed()));
+    }
+}
+
+/// What the commands that read backups share: the repository and the private key.
+struct RestoreSide {
+    repo: Repo,
+    ids: Identities,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl RestoreSide {
+    fn open(args: &RepoArgs, retry_for: Option<Duration>, verbose: bool) -> Result<Self> {
+        let cfg = args.config.as_deref().map(Config::load).transpose()?;
+        let s3: Option<&S3Target> = match cfg.as_ref().map(|c| &c.destination) {
+            Some(Destination::S3(t)) => Some(t),
+            _ => None,
+        };
+        let window = retry_for
+            .or(cfg.as_ref().map(|c| c.retry_for))
+            .unwrap_or(DEFAULT_RETRY_FOR);
+        announce_retries(window, verbose, false);
+        let dest = Destination::from_bucket_arg(&args.bucket, &args.prefix, s3)?;
+        let ids = Identities::from_env()?;
+        let rt = runtime()?;
+        let opts = OpenOptions {
+            index_prefix: &args.index_prefix,
+            create: false,
+            retry_for: window,
+        };
+        let repo = Repo::open(&dest, &opts, rt.handle().clone())?;
+        Ok(RestoreSide { repo, ids, _rt: rt })
+    }
+
+    fn metadata(&self, snapshot: &str) -> Result<restore::Metadata> {
+        let manifest = restore::resolve(&self.repo, &self.ids, snapshot)?;
+        Ok(restore::open_metadata(&self.repo, &self.ids, manifest)?)
+    }
+
+    fn restore(&self, snapshot: &str, sel: &Selection, opts: &RestoreArgs) -> Result<ExitCode> {
+        let meta = self.metadata(snapshot)?;
+        let progress = Progress::new(!opts.quiet, "restore");
+        let report = restore::restore(
+            &self.repo,
+            &self.ids,
+            &meta,
+            sel,
+            restore::Options {
+                progress,
+                parallel: opts.parallel,
+            },
+        )?;
+        restore::print_report(&report, &mut std::io::stderr())?;
+        if !report.hostile.is_empty() {
+            eprintln!(
+                "vaultik: refused {} entries that break the restore rules (listed above): the snapshot metadata is hostile or damaged; the rest were restored",
+                report.hostile.len()
+            );
+        }
+        if !report.damaged.is_empty() {
+            eprintln!(
+                "vaultik: {} of {} files are damaged (listed above); the rest were restored",
+                report.damaged.len(),
+                report.files
+            );
+        }
+        if !report.is_clean() {
+            return Ok(ExitCode::from(EXIT_PARTIAL));
+        }
+        if !opts.quiet {
+            eprintln!(
+                "restored {} files, {} dirs, {} links ({}) into {}",
+                report.files,
+                report.dirs,
+                report.links,
+                show::human(report.bytes),
+                sel.root.display()
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}

@@ -1,0 +1,198 @@
+//! What the commands print: tables, listings and summaries.
+
+use std::io::{self, Write};
+use std::time::{Duration, UNIX_EPOCH};
+
+use edge_agent::backup::Outcome;
+use edge_agent::restore::listing::Entry;
+use edge_agent::restore::printable;
+use edge_agent::snapshot::{Manifest, short_id_len};
+
+/// Ids in tables are at least this long (and longer where two would look alike).
+const SHORT_ID: usize = 8;
+
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub fn snapshots(list: &[Manifest], out: &mut dyn Write) -> io::Result<()> {
+    let ids: Vec<&str> = list.iter().map(|m| m.id.as_str()).collect();
+    let w = short_id_len(&ids, SHORT_ID).max(2);
+    writeln!(
+        out,
+        "{:<w$}  {:<24}  {:<16}  {:>8}  {:>10}  paths",
+        "id", "time", "host", "files", "size"
+    )?;
+    for m in list {
+        writeln!(
+            out,
+            "{:<w$}  {:<24}  {:<16}  {:>8}  {:>10}  {}",
+            m.id.get(..w).unwrap_or(&m.id),
+            printable(&m.time),
+            printable(&m.hostname),
+            m.summary.files,
+            human(m.summary.bytes),
+            printable(&m.source_dirs.join(" "))
+        )?;
+    }
+    if list.len() > 1 {
+        writeln!(out, "{} snapshots", list.len())?;
+    }
+    Ok(())
+}
+
+/// One `ls` line: the path (directories end in `/`), or with `long` the type and
+/// mode, owner, size and time before it.
+pub fn entry(e: &Entry, long: bool, out: &mut dyn Write) -> io::Result<()> {
+    let mut name = printable(&e.display_path());
+    match (e.kind.as_str(), &e.target) {
+        ("dir", _) => name.push('/'),
+        ("symlink", Some(t)) => {
+            name = format!("{name} -> {}", printable(&String::from_utf8_lossy(t)));
+        }
+        ("hardlink", Some(t)) => {
+            name = format!("{name} => /{}", printable(&String::from_utf8_lossy(t)));
+        }
+        _ => {}
+    }
+    if !long {
+        return writeln!(out, "{name}");
+    }
+    writeln!(
+        out,
+        "{}  {:>6} {:>6}  {:>12}  {}  {name}",
+        mode_string(&e.kind, e.mode),
+        e.uid,
+        e.gid,
+        e.size,
+        time(e.mtime_ns),
+    )
+}
+
+/// `ls --json`: one object per entry, written as the listing streams.
+pub struct JsonList<'a> {
+    out: &'a mut dyn Write,
+    first: bool,
+}
+
+impl<'a> JsonList<'a> {
+    pub fn new(out: &'a mut dyn Write) -> io::Result<Self> {
+        write!(out, "[")?;
+        Ok(JsonList { out, first: true })
+    }
+
+    pub fn push(&mut self, e: &Entry) -> io::Result<()> {
+        #[derive(serde::Serialize)]
+        struct Json<'a> {
+            path: String,
+            #[serde(rename = "type")]
+            kind: &'a str,
+            mode: String,
+            uid: i64,
+            gid: i64,
+            size: i64,
+            mtime: String,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            target: Option<String>,
+        }
+        let v = serde_json::to_string(&Json {
+            path: e.display_path(),
+            kind: &e.kind,
+            mode: format!("{:o}", e.mode & 0o7777),
+            uid: e.uid,
+            gid: e.gid,
+            size: e.size,
+            mtime: time(e.mtime_ns),
+            target: e
+                .target
+                .as_ref()
+                .map(|t| String::from_utf8_lossy(t).into_owned()),
+        })?;
+        let sep = if self.first { "\n" } else { ",\n" };
+        self.first = false;
+        write!(self.out, "{sep}  {v}")
+    }
+
+    pub fn finish(self) -> io::Result<()> {
+        writeln!(self.out, "{}]", if self.first { "" } else { "\n" })
+    }
+}
+
+/// `drwxr-xr-x` for a kind and a mode.
+fn mode_string(kind: &str, mode: i64) -> String {
+    let t = match kind {
+        "dir" => 'd',
+        "symlink" => 'l',
+        "hardlink" => 'h',
+        "file" => '-',
+        _ => '?',
+    };
+    let mut s = String::with_capacity(10);
+    s.push(t);
+    for shift in [6, 3, 0] {
+        let bits = (mode >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+/// A stored time as RFC 3339 UTC, seconds; absurd values read as such.
+fn time(ns: i64) -> String {
+    u64::try_from(ns)
+        .ok()
+        .and_then(|ns| UNIX_EPOCH.checked_add(Duration::from_nanos(ns)))
+        .map_or_else(
+            || "????-??-??T??:??:??Z".to_string(),
+            |t| humantime::format_rfc3339_seconds(t).to_string(),
+        )
+}
+
+/// The lines after a backup.
+pub fn backup_summary(o: &Outcome, dest: &str) -> String {
+    let s = &o.summary;
+    format!(
+        "Files: {} new, {} changed, {} unmodified; {} dirs, {} links\n\
+         Added: {} in {} new chunks, {} uploaded in {} blobs\n\
+         snapshot {} saved to {dest}: {} files, {} in {:.1}s",
+        s.files_new,
+        s.files_changed,
+        s.files_unmodified,
+        s.dirs,
+        s.symlinks + s.hardlinks,
+        human(s.new_bytes),
+        s.new_chunks,
+        human(s.uploaded_bytes),
+        s.new_blobs,
+        o.snapshot,
+        s.files,
+        human(s.bytes),
+        o.elapsed.as_secs_f64(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_and_times_read_like_ls() {
+        assert_eq!(mode_string("dir", 0o40755), "drwxr-xr-x");
+        assert_eq!(mode_string("file", 0o100640), "-rw-r-----");
+        assert_eq!(time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(time(-1), "????-??-??T??:??:??Z");
+        assert_eq!(time(i64::MAX), "2262-04-11T23:47:16Z");
+    }
+}
