@@ -22,7 +22,7 @@ fn settings(tmp: &Path) -> insta::Settings {
     s.add_filter(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", "[TIME]");
     s.add_filter(r"in \d+\.\ds", "in [SECS]");
     // The number of ancestor directories depends on where the temporary directory is.
-    s.add_filter(r"\d+ dirs", "[N] dirs");
+    s.add_filter(r"\d+ dirs?\b", "[N] dirs");
     // Chunk ids are keyed per agent, so blob trailers compress differently each run.
     s.add_filter(r"\d+ B uploaded", "[N] B uploaded");
     s

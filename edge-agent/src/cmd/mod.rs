@@ -388,10 +388,10 @@ impl RestoreSide {
         }
         if !opts.quiet {
             eprintln!(
-                "restored {} files, {} dirs, {} links ({}) into {}",
-                report.files,
-                report.dirs,
-                report.links,
+                "restored {}, {}, {} ({}) into {}",
+                show::count(report.files, "file"),
+                show::count(report.dirs, "dir"),
+                show::count(report.links, "link"),
                 show::human(report.bytes),
                 sel.root.display()
             );

@@ -11,6 +11,15 @@ use edge_agent::snapshot::{Manifest, short_id_len};
 /// Ids in tables are at least this long (and longer where two would look alike).
 const SHORT_ID: usize = 8;
 
+/// "1 file", "2 files".
+pub fn count(n: u64, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
 pub fn human(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -164,20 +173,20 @@ fn time(ns: i64) -> String {
 pub fn backup_summary(o: &Outcome, dest: &str) -> String {
     let s = &o.summary;
     format!(
-        "Files: {} new, {} changed, {} unmodified; {} dirs, {} links\n\
-         Added: {} in {} new chunks, {} uploaded in {} blobs\n\
-         snapshot {} saved to {dest}: {} files, {} in {:.1}s",
+        "Files: {} new, {} changed, {} unmodified; {}, {}\n\
+         Added: {} in {}, {} uploaded in {}\n\
+         snapshot {} saved to {dest}: {}, {} in {:.1}s",
         s.files_new,
         s.files_changed,
         s.files_unmodified,
-        s.dirs,
-        s.symlinks + s.hardlinks,
+        count(s.dirs, "dir"),
+        count(s.symlinks + s.hardlinks, "link"),
         human(s.new_bytes),
-        s.new_chunks,
+        count(s.new_chunks, "new chunk"),
         human(s.uploaded_bytes),
-        s.new_blobs,
+        count(s.new_blobs, "blob"),
         o.snapshot,
-        s.files,
+        count(s.files, "file"),
         human(s.bytes),
         o.elapsed.as_secs_f64(),
     )
