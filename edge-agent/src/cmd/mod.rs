@@ -14,6 +14,7 @@ use edge_agent::progress::{self, Progress};
 use edge_agent::restore::{self, Selection};
 use edge_agent::store::retry::{DEFAULT_RETRY_FOR, Notice, RetryNotices};
 use edge_agent::store::{self, OpenOptions, Repo, StoreError};
+use edge_agent::verify::{self, ReadData};
 
 pub mod args;
 mod show;
@@ -102,36 +103,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             daemon,
             rehash,
         } => {
-            let cfg = Config::load(&config)?;
-            let window = retry_for.unwrap_or(cfg.retry_for);
-            announce_retries(window, verbose, cron);
-            let rt = runtime()?;
-            let opts = OpenOptions {
-                index_prefix: &cfg.index_prefix,
-                create: true,
-                retry_for: window,
-            };
-            let repo = Repo::open(&cfg.destination, &opts, rt.handle().clone())?;
+            let side = AgentSide::open(&config, retry_for, verbose, cron, true)?;
             if daemon {
-                return daemon_loop(&cfg, &repo, rehash);
+                return daemon_loop(&side.cfg, &side.repo, rehash);
             }
-            backup_once(&cfg, &repo, !cron, rehash)
+            backup_once(&side.cfg, &side.repo, !cron, rehash)
         }
         Cmd::Snapshots { repo, json } => {
-            let side = RestoreSide::open(&repo, retry_for, verbose)?;
-            let catalog = restore::list_snapshots(&side.repo, &side.ids)?;
-            for w in catalog.warnings() {
-                eprintln!("{w}");
-            }
-            let list = catalog.snapshots;
-            let mut out = std::io::stdout().lock();
-            if json {
-                serde_json::to_writer_pretty(&mut out, &list)?;
-                writeln!(out)?;
-            } else {
-                show::snapshots(&list, &mut out)?;
-            }
-            Ok(ExitCode::SUCCESS)
+            snapshots(&RestoreSide::open(&repo, retry_for, verbose)?, json)
         }
         Cmd::Ls {
             repo,
@@ -143,19 +122,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let side = RestoreSide::open(&repo, retry_for, verbose)?;
             let meta = side.metadata(&snapshot.snapshot)?;
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            let path = path.as_deref().unwrap_or("/");
-            if json {
-                let mut list = show::JsonList::new(&mut out)?;
-                restore::listing::list(&meta.conn, path, recursive, |e| list.push(e))?;
-                list.finish()?;
-            } else {
-                restore::listing::list(&meta.conn, path, recursive, |e| {
-                    show::entry(e, long, &mut out)
-                })?;
-            }
-            out.flush()?;
-            Ok(ExitCode::SUCCESS)
+            ls(&meta, path.as_deref().unwrap_or("/"), long, recursive, json)
         }
         Cmd::Verify {
             bucket,
@@ -165,58 +132,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             read_data,
             read_data_subset,
         } => {
-            use edge_agent::verify::{self, ReadData};
             let read = match (read_data, read_data_subset) {
                 (true, _) => ReadData::All,
                 (false, Some(p)) => ReadData::Subset(p),
                 (false, None) => ReadData::None,
             };
-            let report = match (bucket, config) {
-                (Some(bucket), config) => {
-                    let args = RepoArgs {
-                        bucket,
-                        prefix: prefix.unwrap_or_default(),
-                        config,
-                        index_prefix,
-                    };
-                    let side = RestoreSide::open(&args, retry_for, verbose)?;
-                    verify::verify(&side.repo, &side.ids, read)?
-                }
-                (None, Some(config)) => {
-                    if read != ReadData::None {
-                        bail!(
-                            "reading blob data needs the private key: give <bucket> <prefix> and set VAULTIK_PRIVATE_KEY"
-                        );
-                    }
-                    let cfg = Config::load(&config)?;
-                    let window = retry_for.unwrap_or(cfg.retry_for);
-                    announce_retries(window, verbose, false);
-                    let rt = runtime()?;
-                    let opts = OpenOptions {
-                        index_prefix: &cfg.index_prefix,
-                        create: false,
-                        retry_for: window,
-                    };
-                    let repo = Repo::open(&cfg.destination, &opts, rt.handle().clone())?;
-                    if !cfg.index_path.exists() {
-                        bail!(
-                            "no local index at {}: nothing to verify until a backup has run",
-                            cfg.index_path.display()
-                        );
-                    }
-                    let index = edge_agent::index::Index::open_read_only(&cfg.index_path)?;
-                    verify::verify_from_index(&repo, &index)?
-                }
-                (None, None) => {
-                    bail!("give <bucket> <prefix> (with the private key) or --config (agent mode)")
-                }
-            };
-            report.print(&mut std::io::stdout().lock())?;
-            Ok(if report.is_clean() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_PARTIAL)
-            })
+            let repo = bucket.map(|bucket| RepoArgs {
+                bucket,
+                prefix: prefix.unwrap_or_default(),
+                config: config.clone(),
+                index_prefix,
+            });
+            verify(repo, config, read, retry_for, verbose)
         }
         Cmd::Prune {
             repo,
@@ -263,6 +190,86 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             )
         }
     }
+}
+
+fn snapshots(side: &RestoreSide, json: bool) -> Result<ExitCode> {
+    let catalog = restore::list_snapshots(&side.repo, &side.ids)?;
+    for w in catalog.warnings() {
+        eprintln!("{w}");
+    }
+    let list = catalog.snapshots;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &list)?;
+        writeln!(out)?;
+    } else {
+        show::snapshots(&list, &mut out)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ls(
+    meta: &restore::Metadata,
+    path: &str,
+    long: bool,
+    recursive: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if json {
+        let mut list = show::JsonList::new(&mut out)?;
+        restore::listing::list(&meta.conn, path, recursive, |e| list.push(e))?;
+        list.finish()?;
+    } else {
+        restore::listing::list(&meta.conn, path, recursive, |e| {
+            show::entry(e, long, &mut out)
+        })?;
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// With a repository (and the key): every snapshot. With only a config: the agent's
+/// newest snapshot, from its index, without the key.
+fn verify(
+    repo: Option<RepoArgs>,
+    config: Option<std::path::PathBuf>,
+    read: ReadData,
+    retry_for: Option<Duration>,
+    verbose: bool,
+) -> Result<ExitCode> {
+    let report = match (repo, config) {
+        (Some(args), _) => {
+            let side = RestoreSide::open(&args, retry_for, verbose)?;
+            verify::verify(&side.repo, &side.ids, read)?
+        }
+        (None, Some(config)) => {
+            if read != ReadData::None {
+                bail!(
+                    "reading blob data needs the private key: give <bucket> <prefix> and set VAULTIK_PRIVATE_KEY"
+                );
+            }
+            let side = AgentSide::open(&config, retry_for, verbose, false, false)?;
+            let index_path = &side.cfg.index_path;
+            if !index_path.exists() {
+                bail!(
+                    "no local index at {}: nothing to verify until a backup has run",
+                    index_path.display()
+                );
+            }
+            let index = edge_agent::index::Index::open_read_only(index_path)?;
+            verify::verify_from_index(&side.repo, &index)?
+        }
+        (None, None) => {
+            bail!("give <bucket> <prefix> (with the private key) or --config (agent mode)")
+        }
+    };
+    report.print(&mut std::io::stdout().lock())?;
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_PARTIAL)
+    })
 }
 
 fn refuse_non_directory(target: &Path) -> Result<()> {
@@ -318,6 +325,37 @@ fn daemon_loop(cfg: &Config, repo: &Repo, rehash: bool) -> Result<ExitCode> {
             eprintln!("vaultik: backup failed: {}", one_line(&e));
         }
         std::thread::sleep(every.max(min_gap).saturating_sub(started.elapsed()));
+    }
+}
+
+/// What the commands that run on the agent share: its config and its repository.
+struct AgentSide {
+    cfg: Config,
+    repo: Repo,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl AgentSide {
+    /// `quiet` announces no retries (cron mode); `create` makes a missing local
+    /// destination directory (backup).
+    fn open(
+        config: &Path,
+        retry_for: Option<Duration>,
+        verbose: bool,
+        quiet: bool,
+        create: bool,
+    ) -> Result<Self> {
+        let cfg = Config::load(config)?;
+        let window = retry_for.unwrap_or(cfg.retry_for);
+        announce_retries(window, verbose, quiet);
+        let rt = runtime()?;
+        let opts = OpenOptions {
+            index_prefix: &cfg.index_prefix,
+            create,
+            retry_for: window,
+        };
+        let repo = Repo::open(&cfg.destination, &opts, rt.handle().clone())?;
+        Ok(AgentSide { cfg, repo, _rt: rt })
     }
 }
 

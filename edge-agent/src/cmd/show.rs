@@ -4,7 +4,7 @@ use std::io::{self, Write};
 use std::time::{Duration, UNIX_EPOCH};
 
 use edge_agent::backup::Outcome;
-use edge_agent::restore::listing::Entry;
+use edge_agent::restore::listing::{Entry, shown_path};
 use edge_agent::restore::printable;
 use edge_agent::snapshot::{Manifest, short_id_len};
 
@@ -64,7 +64,7 @@ pub fn snapshots(list: &[Manifest], out: &mut dyn Write) -> io::Result<()> {
 /// One `ls` line: the path (directories end in `/`), or with `long` the type and
 /// mode, owner, size and time before it.
 pub fn entry(e: &Entry, long: bool, out: &mut dyn Write) -> io::Result<()> {
-    let mut name = printable(&e.display_path());
+    let mut name = printable(&shown_path(e));
     match (e.kind.as_str(), &e.target) {
         ("dir", _) => name.push('/'),
         ("symlink", Some(t)) => {
@@ -116,7 +116,7 @@ impl<'a> JsonList<'a> {
             target: Option<String>,
         }
         let v = serde_json::to_string(&Json {
-            path: e.display_path(),
+            path: shown_path(e),
             kind: &e.kind,
             mode: format!("{:o}", e.mode & 0o7777),
             uid: e.uid,

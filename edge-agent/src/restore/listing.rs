@@ -2,46 +2,22 @@
 //! database (hostile input: values are read tolerantly and names are escaped by the
 //! caller before they reach a terminal).
 
-use rusqlite::{Connection, Row, params};
+use rusqlite::{Connection, params};
 
-use super::{bytes, int, opt_bytes};
+use super::plan::RawNode;
+use super::raw_node;
 use crate::error::{Error, Result};
 
-/// One entry as stored. `path` is relative to `/`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub path: Vec<u8>,
-    pub kind: String,
-    pub mode: i64,
-    pub uid: i64,
-    pub gid: i64,
-    pub size: i64,
-    pub mtime_ns: i64,
-    /// A symlink's target, or a hard link's first name.
-    pub target: Option<Vec<u8>>,
+/// An entry as stored (`path` relative to `/`); `target` is a symlink's target or a
+/// hard link's first name.
+pub type Entry = RawNode;
+
+/// The path as the user would type it for `fetch`.
+pub fn shown_path(e: &Entry) -> String {
+    format!("/{}", String::from_utf8_lossy(&e.path))
 }
 
-impl Entry {
-    /// The path as the user would type it for `fetch`.
-    pub fn display_path(&self) -> String {
-        format!("/{}", String::from_utf8_lossy(&self.path))
-    }
-
-    fn from_row(r: &Row<'_>) -> rusqlite::Result<Entry> {
-        Ok(Entry {
-            path: bytes(r, 0)?,
-            kind: String::from_utf8_lossy(&bytes(r, 1)?).into_owned(),
-            mode: int(r, 2)?,
-            uid: int(r, 3)?,
-            gid: int(r, 4)?,
-            size: int(r, 5)?,
-            mtime_ns: int(r, 6)?,
-            target: opt_bytes(r, 7)?,
-        })
-    }
-}
-
-const COLUMNS: &str = "path, kind, mode, uid, gid, size, mtime_ns, target";
+const COLUMNS: &str = "id, path, kind, mode, uid, gid, size, mtime_ns, target";
 
 /// Calls `each` for the entry at `typed` if it is not a directory, else for the
 /// directory's children (its whole subtree with `recursive`), in path order. An empty
@@ -57,7 +33,7 @@ pub fn list(
     if !under.is_empty() {
         let own = conn
             .prepare(&format!("SELECT {COLUMNS} FROM nodes WHERE path = ?1"))?
-            .query_map([&under], Entry::from_row)?
+            .query_map([&under], raw_node)?
             .next()
             .transpose()?;
         if let Some(e) = own.filter(|e| e.kind != "dir") {
@@ -84,7 +60,7 @@ pub fn list(
     let mut rows = q.query(params![lo, hi, under.is_empty(), recursive])?;
     let mut n = 0u64;
     while let Some(r) = rows.next()? {
-        each(&Entry::from_row(r)?).map_err(io)?;
+        each(&raw_node(r)?).map_err(io)?;
         n += 1;
     }
     if n == 0 && !under.is_empty() && !is_dir(conn, &under)? {
@@ -133,7 +109,7 @@ mod tests {
     fn names(c: &Connection, path: &str, recursive: bool) -> Result<Vec<String>> {
         let mut out = Vec::new();
         list(c, path, recursive, |e| {
-            out.push(e.display_path());
+            out.push(shown_path(e));
             Ok(())
         })?;
         Ok(out)
