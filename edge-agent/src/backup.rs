@@ -53,34 +53,55 @@ pub struct Outcome {
     pub skipped: Vec<String>,
 }
 
-/// Walks the tree a second time, stat only, to add up the bytes the backup will read,
-/// then gives the total to the progress line. Stops early when `stop` is set.
-fn scan_ahead(
-    roots: Vec<std::path::PathBuf>,
-    excludes: Excludes,
-    progress: Progress,
+/// A second walk of the tree, stat only, that adds up the bytes the backup will read
+/// and gives the total to the progress line. Dropping it stops and joins it, on every
+/// path out of the backup.
+struct ScanAhead {
     stop: Arc<AtomicBool>,
-) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        let mut total = 0u64;
-        let walked = walk(
-            &roots,
-            &excludes,
-            |e: Entry| {
-                if stop.load(Ordering::Relaxed) {
-                    return Err(());
-                }
-                if e.meta.is_file() {
-                    total = total.saturating_add(e.meta.len());
-                }
-                Ok(Visit::Continue)
-            },
-            |_, _| {},
-        );
-        if walked.is_ok() {
-            progress.set_total(total);
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ScanAhead {
+    fn start(roots: Vec<std::path::PathBuf>, excludes: Excludes, progress: Progress) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut total = 0u64;
+            // The backup reads a hard-linked file once.
+            let mut linked: HashSet<(u64, u64)> = HashSet::new();
+            let walked = walk(
+                &roots,
+                &excludes,
+                |e: Entry| {
+                    if stopped.load(Ordering::Relaxed) {
+                        return Err(());
+                    }
+                    let m = &e.meta;
+                    if m.is_file() && (m.nlink() < 2 || linked.insert((m.dev(), m.ino()))) {
+                        total = total.saturating_add(m.len());
+                    }
+                    Ok(Visit::Continue)
+                },
+                |_, _| {},
+            );
+            if walked.is_ok() {
+                progress.set_total(total);
+            }
+        });
+        ScanAhead {
+            stop,
+            thread: Some(thread),
         }
-    })
+    }
+}
+
+impl Drop for ScanAhead {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// How a file compares with the previous snapshot, for the summary.
@@ -117,20 +138,19 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     let mut index = Index::open(&config.index_path)?;
     let hasher = ChunkHasher::new(index.chunk_key()?);
     index.begin_run()?;
-    let stop_ahead = Arc::new(AtomicBool::new(false));
-    let mut ahead = None;
-    if opts.progress.is_shown() {
+    let ahead = if opts.progress.is_shown() {
         // The previous snapshot's size is the estimate until the scan ahead is done.
         if let Some(bytes) = index.last_snapshot_bytes()? {
             opts.progress.set_total(bytes);
         }
-        ahead = Some(scan_ahead(
+        Some(ScanAhead::start(
             roots.paths.clone(),
             excludes.clone(),
             opts.progress.clone(),
-            stop_ahead.clone(),
-        ));
-    }
+        ))
+    } else {
+        None
+    };
     for notice in index.take_notices() {
         opts.progress.warn(&notice);
     }
@@ -191,10 +211,7 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
             walk_skipped.push(line);
         },
     );
-    stop_ahead.store(true, Ordering::Relaxed);
-    if let Some(t) = ahead {
-        let _ = t.join();
-    }
+    drop(ahead);
     // Closing the chunk queue lets the workers and then the packer drain and stop.
     let flushed = scan.flush();
     scan.chunk_tx = None;

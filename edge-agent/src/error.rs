@@ -41,6 +41,10 @@ pub enum Error {
     Busy(PathBuf),
     #[error("snapshot {0} not found (run `vaultik snapshots` to list them)")]
     SnapshotNotFound(String),
+    #[error(
+        "{0:?} is not a snapshot id: give an id or a prefix of one (hex, as `vaultik snapshots` shows them), or `latest`"
+    )]
+    BadSnapshotId(String),
     #[error("snapshot id {0} is ambiguous: it matches {1} snapshots")]
     SnapshotAmbiguous(String, usize),
     #[error("{0} is not in the snapshot")]

@@ -9,6 +9,7 @@ use clap::Parser;
 mod cmd;
 
 use cmd::args::Cli;
+use edge_agent::restore::printable;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -16,10 +17,12 @@ fn main() -> ExitCode {
     match cmd::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vaultik: {}", cmd::one_line(&e));
+            edge_agent::progress::clear();
+            // Messages can quote what a bucket writer or a storage server wrote.
+            eprintln!("vaultik: {}", printable(&cmd::one_line(&e)));
             if verbose {
                 for line in cmd::details(&e) {
-                    eprintln!("  {line}");
+                    eprintln!("  {}", printable(&line));
                 }
             }
             ExitCode::FAILURE

@@ -90,6 +90,14 @@ impl Progress {
     }
 }
 
+/// Takes whatever progress line is on screen away (before a final error is printed).
+pub fn clear() {
+    let bar = SHOWN.lock().ok().and_then(|mut s| s.take());
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+}
+
 /// Prints a line on stderr above whatever progress line is on screen.
 pub fn notice(line: &str) {
     let bar = SHOWN.lock().ok().and_then(|s| s.clone());

@@ -8,7 +8,6 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use common::*;
 
@@ -24,7 +23,7 @@ fn settings(tmp: &Path) -> insta::Settings {
     // The number of ancestor directories depends on where the temporary directory is.
     s.add_filter(r"\d+ dirs?\b", "[N] dirs");
     // Chunk ids are keyed per agent, so blob trailers compress differently each run.
-    s.add_filter(r"\d+ B uploaded", "[N] B uploaded");
+    s.add_filter(r"[\d.]+ (B|KiB|MiB) uploaded", "[N] B uploaded");
     s
 }
 
@@ -168,6 +167,7 @@ fn common_mistakes_get_one_line_errors() {
             &unreachable,
         ),
         mistake(&["restore", BUCKET, "host1", "deadbeef", tgt], &env),
+        mistake(&["ls", BUCKET, "host1", "last"], &env),
         mistake(
             &["fetch", BUCKET, "host1", "latest", "/etc/nope", tgt],
             &env,
@@ -234,7 +234,6 @@ fn summaries_and_listings() {
     let fetched = t.path().join("fetched.txt");
     let listings = [
         transcript(&["snapshots", BUCKET, "host1"], &env),
-        transcript(&["ls", BUCKET, "host1", "latest"], &env),
         transcript(&["ls", BUCKET, "host1", "latest", srcs], &env),
         transcript(&["ls", BUCKET, "host1", "latest", srcs, "--long"], &env),
         transcript(&["ls", BUCKET, "host1", "latest", docs, "--json"], &env),
@@ -259,6 +258,16 @@ fn summaries_and_listings() {
             &env,
         ),
     ];
+    // The top of the snapshot is the first directory of the temporary path.
+    let top = vaultik(&["ls", BUCKET, "host1", "latest"], &env);
+    let first = src
+        .components()
+        .nth(1)
+        .unwrap()
+        .as_os_str()
+        .to_str()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&top.stdout), format!("/{first}/\n"));
     let mut all = listings.join("\n");
     // Short ids in the table.
     all = regex_lite_replace_short_ids(&all);
@@ -266,11 +275,11 @@ fn summaries_and_listings() {
     assert_eq!(std::fs::read(&fetched).unwrap(), b"hello again");
 }
 
-/// Table rows start with a short id; replaced here as their length is pinned elsewhere.
+/// Table rows start with an 8-character id (longer only when two would look alike).
 fn regex_lite_replace_short_ids(text: &str) -> String {
     text.lines()
         .map(|l| match l.split_once("  ") {
-            Some((id, rest)) if id.len() >= 8 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some((id, rest)) if id.len() == 8 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
                 format!("[SHORT]  {rest}")
             }
             _ => l.to_string(),
@@ -330,6 +339,16 @@ fn any_unique_id_prefix_names_a_snapshot() {
         .unwrap();
     let out = vaultik(&["ls", &repo, "", unique, f.to_str().unwrap()], &env);
     assert!(out.status.success(), "{unique}: {}", stderr(&out));
+    let upper = shorts[3].to_ascii_uppercase();
+    let out = vaultik(&["ls", &repo, "", &upper, f.to_str().unwrap()], &env);
+    assert!(out.status.success(), "{upper}: {}", stderr(&out));
+    // An empty id is not a prefix of everything.
+    let out = vaultik(&["ls", &repo, "", ""], &env);
+    assert!(
+        stderr(&out).contains("is not a snapshot id"),
+        "{}",
+        stderr(&out)
+    );
     // A prefix of two is refused, naming how many it matches.
     let shared = full
         .iter()
@@ -348,22 +367,29 @@ fn storage_outages_are_ridden_out_and_a_dead_endpoint_is_one_line() {
     let src = t.path().join("src");
     write_file(&src.join("f"), &pseudo_random(100_000, 1));
     let key = keygen(t.path());
-    // The endpoint comes up 3 seconds into the backup.
+    // The endpoint comes up once the backup has announced its first retry.
     let port = free_port();
     let late = format!("http://127.0.0.1:{port}");
     let cfg = s3_config(t.path(), &late, "host1", &[&src], &key, "retry_for: 2m\n");
-    let upstream = s3.endpoint.clone();
-    let outage = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(3));
-        CountingProxy::start_on(port, &upstream)
-    });
-    let out = vaultik(&["backup", cfg.to_str().unwrap()], &[]);
-    let _proxy = outage.join().unwrap();
-    let err = stderr(&out);
-    assert!(out.status.success(), "{err}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vaultik"))
+        .args(["backup", cfg.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let first = lines.next().unwrap().unwrap();
     assert!(
-        err.contains("vaultik: storage: cannot connect; retry 1 in"),
-        "{err}"
+        first.starts_with("vaultik: storage: cannot connect; retry 1 in"),
+        "{first}"
+    );
+    let _proxy = CountingProxy::start_on(port, &s3.endpoint);
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{first}\n{}", rest.join("\n"));
+    assert!(
+        rest.iter().any(|l| l.starts_with("snapshot ")),
+        "{}",
+        rest.join("\n")
     );
     let env = s3_env(&s3.endpoint, &key);
     assert_eq!(snapshot_list(BUCKET, "host1", &env).len(), 1);

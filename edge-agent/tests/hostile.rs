@@ -346,3 +346,31 @@ fn duplicate_entries_are_refused_by_name() {
     let back = restored(&target, &f.src);
     assert_eq!(std::fs::read(back.join("keep.txt")).unwrap(), b"keep me");
 }
+
+#[test]
+fn ls_escapes_forged_names_and_shows_what_restore_would_write() {
+    let f = Forged::new();
+    let dir = stored(&f.src);
+    // A name with a terminal escape and a bidi override; a path stored as TEXT (which
+    // SQLite sorts apart from BLOBs) whose symlink target is an escape too.
+    f.tamper(&format!(
+        "INSERT INTO nodes (id, path, kind, mode, uid, gid, size, mtime_ns, target, dev, ino, ctime_ns) VALUES
+         (900, CAST({dir} || X'2F1B5B324A6576696CE280AE747874' AS BLOB), 'file', 420, 0, 0, 0, 0, NULL, 0, 0, 0),
+         (901, CAST({dir} || X'2F74657874' AS TEXT), 'symlink', 511, 0, 0, 0, -5, X'1B5D303B78', 0, 0, 0);"
+    ));
+    let env = [("VAULTIK_PRIVATE_KEY", f.key.secret.as_str())];
+    let repo = local_repo(f.t.path());
+    let src = f.src.to_str().unwrap();
+    let out = vaultik(&["ls", &repo, "", "latest", src, "--long"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!out.stdout.contains(&0x1b), "raw escape on stdout");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(r"/\u{1b}[2Jevil\u{202e}txt"), "{text}");
+    assert!(text.contains(r"/text -> \u{1b}]0;x"), "{text}");
+    assert!(text.contains("????-??-??"), "{text}");
+    let out = vaultik(&["ls", &repo, "", "latest", src, "--json"], &env);
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let paths: Vec<&str> = list.iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert!(paths.contains(&format!("{src}/text").as_str()), "{paths:?}");
+    assert_eq!(paths.len(), 4, "{paths:?}");
+}

@@ -23,6 +23,10 @@ fn s3(endpoint: &str) -> Destination {
 
 /// Puts one object twice with `put_new`; returns the second outcome and what is stored.
 fn put_twice(dest: &Destination) -> (Result<(), StoreError>, Vec<u8>) {
+    put_twice_with(dest, b"second")
+}
+
+fn put_twice_with(dest: &Destination, second: &[u8]) -> (Result<(), StoreError>, Vec<u8>) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let opts = OpenOptions {
         index_prefix: "index",
@@ -33,7 +37,7 @@ fn put_twice(dest: &Destination) -> (Result<(), StoreError>, Vec<u8>) {
     let id = edge_agent::snapshot::SnapshotId::random();
     let key = repo.manifest_key(&id);
     repo.put_new(&key, b"first".to_vec()).unwrap();
-    let second = repo.put_new(&key, b"second".to_vec());
+    let second = repo.put_new(&key, second.to_vec());
     (second, repo.get(&key).unwrap().to_vec())
 }
 
@@ -51,6 +55,11 @@ fn conditional_create_refuses_to_overwrite_on_s3s_and_local_directories() {
             matches!(second, Err(StoreError::Exists { .. })),
             "{second:?}"
         );
+        assert_eq!(stored, b"first");
+        // A create retried after the server committed it (but did not answer) finds
+        // its own bytes: that is success, not a conflict.
+        let (again, stored) = put_twice_with(&dest, b"first");
+        assert!(again.is_ok(), "{again:?}");
         assert_eq!(stored, b"first");
     }
 }

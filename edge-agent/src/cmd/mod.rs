@@ -110,7 +110,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             backup_once(&side.cfg, &side.repo, !cron, rehash)
         }
         Cmd::Snapshots { repo, json } => {
-            snapshots(&RestoreSide::open(&repo, retry_for, verbose)?, json)
+            snapshots(&RestoreSide::open(&repo, retry_for, verbose, false)?, json)
         }
         Cmd::Ls {
             repo,
@@ -120,7 +120,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             recursive,
             json,
         } => {
-            let side = RestoreSide::open(&repo, retry_for, verbose)?;
+            let side = RestoreSide::open(&repo, retry_for, verbose, false)?;
             let meta = side.metadata(&snapshot.snapshot)?;
             ls(&meta, path.as_deref().unwrap_or("/"), long, recursive, json)
         }
@@ -153,7 +153,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             allow_future_snapshots,
             allow_short_margin,
         } => {
-            let side = RestoreSide::open(&repo, retry_for, verbose)?;
+            let side = RestoreSide::open(&repo, retry_for, verbose, false)?;
             let opts = edge_agent::prune::Options {
                 policy: policy.policy(),
                 margin: safety_margin,
@@ -171,7 +171,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             opts,
         } => {
             refuse_non_directory(&target_dir)?;
-            let side = RestoreSide::open(&repo, retry_for, verbose)?;
+            let side = RestoreSide::open(&repo, retry_for, verbose, opts.quiet)?;
             side.restore(&snapshot.snapshot, &Selection::all(&target_dir), &opts)
         }
         Cmd::Fetch {
@@ -182,7 +182,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             opts,
         } => {
             refuse_non_directory(&target)?;
-            let side = RestoreSide::open(&repo, retry_for, verbose)?;
+            let side = RestoreSide::open(&repo, retry_for, verbose, opts.quiet)?;
             side.restore(
                 &snapshot.snapshot,
                 &Selection::one(&filepath, &target),
@@ -240,7 +240,7 @@ fn verify(
 ) -> Result<ExitCode> {
     let report = match (repo, config) {
         (Some(args), _) => {
-            let side = RestoreSide::open(&args, retry_for, verbose)?;
+            let side = RestoreSide::open(&args, retry_for, verbose, false)?;
             verify::verify(&side.repo, &side.ids, read)?
         }
         (None, Some(config)) => {
@@ -367,7 +367,13 @@ struct RestoreSide {
 }
 
 impl RestoreSide {
-    fn open(args: &RepoArgs, retry_for: Option<Duration>, verbose: bool) -> Result<Self> {
+    /// `quiet` announces no retries (`restore --quiet`).
+    fn open(
+        args: &RepoArgs,
+        retry_for: Option<Duration>,
+        verbose: bool,
+        quiet: bool,
+    ) -> Result<Self> {
         let cfg = args.config.as_deref().map(Config::load).transpose()?;
         let s3: Option<&S3Target> = match cfg.as_ref().map(|c| &c.destination) {
             Some(Destination::S3(t)) => Some(t),
@@ -376,7 +382,7 @@ impl RestoreSide {
         let window = retry_for
             .or(cfg.as_ref().map(|c| c.retry_for))
             .unwrap_or(DEFAULT_RETRY_FOR);
-        announce_retries(window, verbose, false);
+        announce_retries(window, verbose, quiet);
         let dest = Destination::from_bucket_arg(&args.bucket, &args.prefix, s3)?;
         let ids = Identities::from_env()?;
         let rt = runtime()?;

@@ -68,10 +68,10 @@ pub fn entry(e: &Entry, long: bool, out: &mut dyn Write) -> io::Result<()> {
     match (e.kind.as_str(), &e.target) {
         ("dir", _) => name.push('/'),
         ("symlink", Some(t)) => {
-            name = format!("{name} -> {}", printable(&String::from_utf8_lossy(t)));
+            name = format!("{name} -> {}", printable(&link_target(&e.kind, t)));
         }
         ("hardlink", Some(t)) => {
-            name = format!("{name} => /{}", printable(&String::from_utf8_lossy(t)));
+            name = format!("{name} => {}", printable(&link_target(&e.kind, t)));
         }
         _ => {}
     }
@@ -111,7 +111,7 @@ impl<'a> JsonList<'a> {
             uid: i64,
             gid: i64,
             size: i64,
-            mtime: String,
+            mtime: Option<String>,
             #[serde(skip_serializing_if = "Option::is_none")]
             target: Option<String>,
         }
@@ -122,11 +122,8 @@ impl<'a> JsonList<'a> {
             uid: e.uid,
             gid: e.gid,
             size: e.size,
-            mtime: time(e.mtime_ns),
-            target: e
-                .target
-                .as_ref()
-                .map(|t| String::from_utf8_lossy(t).into_owned()),
+            mtime: iso_time(e.mtime_ns),
+            target: e.target.as_ref().map(|t| link_target(&e.kind, t)),
         })?;
         let sep = if self.first { "\n" } else { ",\n" };
         self.first = false;
@@ -158,15 +155,26 @@ fn mode_string(kind: &str, mode: i64) -> String {
     s
 }
 
-/// A stored time as RFC 3339 UTC, seconds; absurd values read as such.
-fn time(ns: i64) -> String {
+/// A symlink's target as stored; a hard link's first name as `fetch` takes it.
+fn link_target(kind: &str, t: &[u8]) -> String {
+    let t = String::from_utf8_lossy(t);
+    if kind == "hardlink" {
+        format!("/{t}")
+    } else {
+        t.into_owned()
+    }
+}
+
+/// A stored time as RFC 3339 UTC, seconds; `None` before 1970 (or absurd).
+fn iso_time(ns: i64) -> Option<String> {
     u64::try_from(ns)
         .ok()
         .and_then(|ns| UNIX_EPOCH.checked_add(Duration::from_nanos(ns)))
-        .map_or_else(
-            || "????-??-??T??:??:??Z".to_string(),
-            |t| humantime::format_rfc3339_seconds(t).to_string(),
-        )
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+}
+
+fn time(ns: i64) -> String {
+    iso_time(ns).unwrap_or_else(|| "????-??-??T??:??:??Z".to_string())
 }
 
 /// The lines after a backup.
@@ -203,5 +211,11 @@ mod tests {
         assert_eq!(time(0), "1970-01-01T00:00:00Z");
         assert_eq!(time(-1), "????-??-??T??:??:??Z");
         assert_eq!(time(i64::MAX), "2262-04-11T23:47:16Z");
+    }
+
+    #[test]
+    fn names_cannot_drive_or_fool_the_terminal() {
+        let shown = printable("a\u{1b}[2J\u{202E}txt.exe\u{200B}\u{9b}");
+        assert_eq!(shown, "a\\u{1b}[2J\\u{202e}txt.exe\\u{200b}\\u{9b}");
     }
 }

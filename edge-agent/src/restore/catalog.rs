@@ -138,6 +138,12 @@ pub fn open_manifest(
 
 /// Finds a snapshot by full id, unique prefix, or `latest`.
 pub fn resolve(repo: &Repo, ids: &Identities, arg: &str) -> Result<Manifest> {
+    // Ids are lowercase hex; a prefix typed in capitals means the same snapshot.
+    let lower = arg.to_ascii_lowercase();
+    let arg = if arg == "latest" { arg } else { lower.as_str() };
+    if arg.is_empty() || (arg != "latest" && !arg.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return Err(Error::BadSnapshotId(arg.into()));
+    }
     if let Some(id) = SnapshotId::parse(arg) {
         return read_manifest(repo, ids, &id);
     }

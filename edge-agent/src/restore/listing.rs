@@ -32,7 +32,9 @@ pub fn list(
     let io = |e| Error::io("writing the listing", "stdout", e);
     if !under.is_empty() {
         let own = conn
-            .prepare(&format!("SELECT {COLUMNS} FROM nodes WHERE path = ?1"))?
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM nodes WHERE CAST(path AS BLOB) = ?1"
+            ))?
             .query_map([&under], raw_node)?
             .next()
             .transpose()?;
@@ -52,9 +54,13 @@ pub fn list(
         hi.push(b'0');
         (lo, hi)
     };
+    // Paths compare as bytes whatever their storage class: SQLite sorts TEXT before
+    // BLOB, and a forged TEXT path must not hide from `ls` when restore would write it.
     let sql = format!(
-        "SELECT {COLUMNS} FROM nodes WHERE path >= ?1 AND (path < ?2 OR ?3)
-         AND (?4 OR instr(substr(path, length(?1) + 1), '/') = 0) ORDER BY path"
+        "SELECT {COLUMNS} FROM nodes WHERE CAST(path AS BLOB) >= ?1
+         AND (CAST(path AS BLOB) < ?2 OR ?3)
+         AND (?4 OR instr(substr(CAST(path AS BLOB), length(?1) + 1), X'2F') = 0)
+         ORDER BY CAST(path AS BLOB)"
     );
     let mut q = conn.prepare(&sql)?;
     let mut rows = q.query(params![lo, hi, under.is_empty(), recursive])?;
@@ -71,7 +77,7 @@ pub fn list(
 
 fn is_dir(conn: &Connection, path: &[u8]) -> Result<bool> {
     Ok(conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM nodes WHERE path = ?1 AND kind = 'dir')",
+        "SELECT EXISTS (SELECT 1 FROM nodes WHERE CAST(path AS BLOB) = ?1 AND kind = 'dir')",
         [path],
         |r| r.get(0),
     )?)
@@ -130,6 +136,25 @@ mod tests {
         assert_eq!(names(&c, "/srv/a/x.txt", false).unwrap(), ["/srv/a/x.txt"]);
         assert!(names(&c, "/srv/empty", false).unwrap().is_empty());
         assert_eq!(names(&c, "", true).unwrap().len(), 8);
+    }
+
+    #[test]
+    fn forged_text_paths_are_listed_like_blobs() {
+        let c = db();
+        c.execute(
+            "INSERT INTO nodes (id, path, kind, mode, uid, gid, size, mtime_ns, dev, ino, ctime_ns)
+             VALUES (99, 'srv/a/hidden', 'file', 420, 0, 0, 1, 0, 0, 0, 0)",
+            [],
+        )
+        .unwrap();
+        assert_eq!(
+            names(&c, "/srv/a", false).unwrap(),
+            ["/srv/a/hidden", "/srv/a/x.txt", "/srv/a/y"]
+        );
+        assert_eq!(
+            names(&c, "/srv/a/hidden", false).unwrap(),
+            ["/srv/a/hidden"]
+        );
     }
 
     #[test]

@@ -585,18 +585,26 @@ fn apply_metadata(conn: &Connection, target: &mut Target, report: &mut Report) -
     Ok(())
 }
 
-/// `s` with control characters escaped: names from a snapshot must not drive the
-/// terminal that shows them.
+/// `s` with control characters escaped, and the invisible ones that reorder or hide
+/// text (bidi controls, zero-width characters, line separators): names from a snapshot
+/// must neither drive the terminal that shows them nor pass for other names.
 pub fn printable(s: &str) -> String {
     s.chars()
         .map(|c| {
-            if c.is_control() {
+            if c.is_control() || is_invisible(c) {
                 c.escape_default().to_string()
             } else {
                 c.to_string()
             }
         })
         .collect()
+}
+
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}'
+    )
 }
 
 /// Writes a restore report for people: refused entries, damaged files, then warnings.

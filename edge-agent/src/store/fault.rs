@@ -120,16 +120,52 @@ pub(crate) fn plain(text: &str) -> String {
     }
 }
 
-/// The whole chain, for `--verbose`: each distinct message once.
+/// The whole chain, for `--verbose`: each distinct message once, without the parts of
+/// an S3 error body that echo the signed request (they can carry a session token).
 pub fn detail(err: &object_store::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for e in sources(err) {
-        let s = e.to_string();
+        let s = redact(&e.to_string());
         if !parts.iter().any(|p| p.contains(&s)) {
             parts.push(s);
         }
     }
     parts.join(": ")
+}
+
+/// Elements of an S3 error body that repeat what was signed.
+const ECHOED: [&str; 4] = [
+    "CanonicalRequest",
+    "CanonicalRequestBytes",
+    "StringToSign",
+    "StringToSignBytes",
+];
+
+fn redact(text: &str) -> String {
+    let mut out = text.to_string();
+    for name in ECHOED {
+        let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+        while let Some(start) = out.find(&open) {
+            let Some(len) = out[start..].find(&close) else {
+                out.truncate(start);
+                break;
+            };
+            out.replace_range(start..start + len + close.len(), "");
+        }
+    }
+    out
+}
+
+/// An endpoint URL without `user:password@`, fit to print.
+pub fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -162,6 +198,23 @@ mod tests {
         );
         assert_eq!(xml_field("<Code></Code>", "Code"), None);
         assert_eq!(xml_field("<Code>unterminated", "Code"), None);
+    }
+
+    #[test]
+    fn nothing_signed_or_secret_is_printed() {
+        let body = "<Error><Code>SignatureDoesNotMatch</Code><CanonicalRequest>GET\nx-amz-security-token:SECRET</CanonicalRequest><StringToSign>AWS4 SECRET</StringToSign></Error>";
+        let r = redact(body);
+        assert!(
+            !r.contains("SECRET") && r.contains("SignatureDoesNotMatch"),
+            "{r}"
+        );
+        assert!(!redact("<StringToSign>SECRET").contains("SECRET"));
+        assert_eq!(
+            without_userinfo("http://ak:sk@host:9000/x@y"),
+            "http://host:9000/x@y"
+        );
+        assert_eq!(without_userinfo("http://host:9000"), "http://host:9000");
+        assert_eq!(without_userinfo("no scheme"), "no scheme");
     }
 
     #[test]

@@ -335,12 +335,20 @@ impl Repo {
     /// Writes a small object in one request, only if no object has that name
     /// (`If-None-Match: *`; a local directory links the new file into place). Servers
     /// that ignore the condition (rclone 1.75) overwrite; see docs/FORMAT.md.
+    ///
+    /// A create that was retried after the server committed it but failed to answer
+    /// finds its own object: equal bytes count as success, anything else as `Exists`.
     pub fn put_new(&self, key: &Key, data: Vec<u8>) -> Result<(), StoreError> {
         let opts = PutOptions::from(PutMode::Create);
-        self.rt
-            .block_on(self.store.put_opts(key, data.into(), opts))
+        let put = self
+            .rt
+            .block_on(self.store.put_opts(key, data.clone().into(), opts))
             .map(|_| ())
-            .map_err(|e| self.fail("put", key, e))
+            .map_err(|e| self.fail("put", key, e));
+        match put {
+            Err(StoreError::Exists { .. }) if self.get(key).is_ok_and(|b| b == data) => Ok(()),
+            other => other,
+        }
     }
 
     /// The storage server's clock, in nanoseconds since the epoch: the modification
@@ -631,7 +639,10 @@ fn endpoint(t: &crate::config::S3Target) -> Option<String> {
 fn place(dest: &Destination) -> fault::Place {
     match dest {
         Destination::S3(t) => fault::Place {
-            endpoint: endpoint(t).unwrap_or_else(|| format!("s3://{}", t.bucket)),
+            endpoint: endpoint(t).map_or_else(
+                || format!("s3://{}", t.bucket),
+                |e| fault::without_userinfo(&e),
+            ),
             bucket: Some(t.bucket.clone()),
         },
         Destination::Local { root, .. } => fault::Place {

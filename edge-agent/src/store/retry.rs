@@ -22,15 +22,24 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Retries for up to `window` per request, waiting 1 s, then about twice as long each
 /// time, at most a minute. A zero window means one attempt.
+/// The window is checked before each pause, so the last pause (at most a minute) and
+/// attempt may end after it.
 pub fn config(window: Duration) -> RetryConfig {
+    let first = FIRST_BACKOFF.min(window);
+    // The window is the limit; the count only has to be out of its way. Every pause is
+    // at least `first`, so no more than this many fit.
+    let max_retries = if window.is_zero() {
+        0
+    } else {
+        (window.as_secs_f64() / first.as_secs_f64()).ceil() as usize + 1
+    };
     RetryConfig {
         backoff: BackoffConfig {
-            init_backoff: FIRST_BACKOFF.min(window),
+            init_backoff: first,
             max_backoff: MAX_BACKOFF.min(window.max(FIRST_BACKOFF)),
             base: 2.0,
         },
-        // The window is the limit, not a count.
-        max_retries: if window.is_zero() { 0 } else { usize::MAX },
+        max_retries,
         retry_timeout: window,
     }
 }
@@ -156,6 +165,7 @@ mod tests {
         assert_eq!(c.max_retries, 0);
         let c = config(Duration::from_secs(600));
         assert_eq!(c.retry_timeout, Duration::from_secs(600));
+        assert_eq!(c.max_retries, 601);
         assert_eq!(c.backoff.init_backoff, Duration::from_secs(1));
         assert_eq!(c.backoff.max_backoff, Duration::from_secs(60));
         let c = config(Duration::from_millis(300));
