@@ -164,7 +164,7 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
 
 /// Creates `path` (if missing) readable by its owner only, and tightens an existing
 /// file. SQLite gives its journal and WAL files the mode of the database file.
-fn private_file(path: &Path) -> Result<()> {
+pub(crate) fn private_file(path: &Path) -> Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     std::fs::OpenOptions::new()
         .create(true)

@@ -10,6 +10,7 @@ pub mod config;
 pub mod crypt;
 pub mod error;
 pub mod index;
+pub mod outbox;
 pub mod pack;
 pub mod progress;
 pub mod prune;

@@ -14,5 +14,7 @@ pub mod seen;
 pub mod topic;
 
 pub use codec::{DecodeError, FORMAT, MAX_PAYLOAD, decode, encode};
+/// The bounded collections the messages are made of, for building them.
+pub use heapless;
 pub use id::{AgentId, CommandId, JobId};
 pub use message::{Down, Up};

@@ -64,6 +64,9 @@ pub struct Hello {
     pub capabilities: List<Capability, 8>,
     /// The revision of the policy the agent runs, if it has one.
     pub policy_revision: Option<u64>,
+    /// The random id of the agent's outbox: event ids count within it, so a wiped
+    /// state directory starts a new count the controller does not mistake for repeats.
+    pub outbox: [u8; 16],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

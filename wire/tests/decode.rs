@@ -56,6 +56,7 @@ fn ups() -> Vec<Up> {
             hostname: s("nas-1"),
             capabilities: list([Capability::Backup, Capability::Inotify]),
             policy_revision: Some(3),
+            outbox: [8; 16],
         }),
         Up::Heartbeat(Heartbeat {
             at_ms: -1,
@@ -185,6 +186,7 @@ fn a_string_over_its_bound_is_refused() {
         b.push(n);
         b.extend(std::iter::repeat_n(b'a', n.into()));
         b.extend([0, 0, 0, 0, 0]); // os, arch, hostname, capabilities, no revision
+        b.extend([0; 16]); // outbox id
         b
     };
     assert!(matches!(decode::<Up>(&with_version(64)), Ok(Up::Hello(_))));
