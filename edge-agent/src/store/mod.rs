@@ -340,6 +340,7 @@ impl Repo {
     /// finds its own object: equal bytes count as success, anything else as `Exists`.
     pub fn put_new(&self, key: &Key, data: Vec<u8>) -> Result<(), StoreError> {
         let opts = PutOptions::from(PutMode::Create);
+        let data = Bytes::from(data);
         let put = self
             .rt
             .block_on(self.store.put_opts(key, data.clone().into(), opts))
