@@ -1,0 +1,286 @@
+//! What an agent's messages do to the database. The agent is the one its topic names
+//! (the broker lets an agent publish only under its own certificate's id); nothing
+//! in a message can speak for another agent. Each event id takes effect once: it is
+//! recorded in `events` in the same transaction as its effect, and the ids are
+//! acknowledged only after that transaction commits.
+
+use rusqlite::{OptionalExtension, Transaction, params};
+use wire::id::AgentId;
+use wire::message::{Event, EventBody, Heartbeat, Hello, JobEvent, JobKind, JobState, Status};
+
+use crate::db::{DbError, sql};
+
+/// What an `Up` message came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Recorded; nothing to answer.
+    Recorded,
+    /// These event ids are committed: acknowledge them.
+    Ack(Vec<u64>),
+    /// The agent is unknown or revoked: the message was dropped.
+    Refused,
+    /// Events came before any hello told their outbox epoch: not acknowledged, so the
+    /// agent sends them again after its hello.
+    NoEpoch,
+}
+
+/// Whether `agent` may speak: enrolled and not revoked.
+pub fn admitted(tx: &Transaction, agent: &AgentId) -> Result<bool, DbError> {
+    let ok: Option<i64> = tx
+        .query_row(
+            "SELECT 1 FROM agents WHERE id = ?1 AND revoked_ms IS NULL",
+            [agent.to_string()],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql)?;
+    Ok(ok.is_some())
+}
+
+pub fn hello(tx: &Transaction, agent: &AgentId, h: &Hello, now: i64) -> Result<(), DbError> {
+    tx.execute(
+        "UPDATE agents SET version = ?2, os = ?3, arch = ?4, hostname = ?5, policy_revision = ?6,
+                outbox_epoch = ?7, online = 1, last_seen_ms = ?8 WHERE id = ?1",
+        params![
+            agent.to_string(),
+            h.version.as_str(),
+            h.os.as_str(),
+            h.arch.as_str(),
+            h.hostname.as_str(),
+            h.policy_revision.and_then(|r| i64::try_from(r).ok()),
+            h.outbox.as_slice(),
+            now
+        ],
+    )
+    .map_err(sql)?;
+    Ok(())
+}
+
+pub fn status(tx: &Transaction, agent: &AgentId, s: Status, now: i64) -> Result<(), DbError> {
+    let online = matches!(s, Status::Online);
+    tx.execute(
+        "UPDATE agents SET online = ?2, last_seen_ms = CASE WHEN ?2 THEN ?3 ELSE last_seen_ms END
+         WHERE id = ?1",
+        params![agent.to_string(), online, now],
+    )
+    .map_err(sql)?;
+    Ok(())
+}
+
+pub fn heartbeat(
+    tx: &Transaction,
+    agent: &AgentId,
+    h: &Heartbeat,
+    now: i64,
+) -> Result<(), DbError> {
+    let disks: Vec<_> = h
+        .disks
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "role": format!("{:?}", d.role).to_lowercase(),
+                "mount": d.mount.as_str(),
+                "total": d.total,
+                "available": d.available,
+            })
+        })
+        .collect();
+    tx.execute(
+        "INSERT INTO heartbeats (agent, at_ms, received_ms, cpu_permille, memory_used, memory_total,
+                                 disks, next_backup_ms, outbox)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            agent.to_string(),
+            h.at_ms,
+            now,
+            h.cpu_permille,
+            clamp(h.memory_used),
+            clamp(h.memory_total),
+            serde_json::Value::from(disks).to_string(),
+            h.next_backup_ms,
+            h.outbox
+        ],
+    )
+    .map_err(sql)?;
+    tx.execute(
+        "UPDATE agents SET online = 1, last_seen_ms = ?2 WHERE id = ?1",
+        params![agent.to_string(), now],
+    )
+    .map_err(sql)?;
+    Ok(())
+}
+
+/// Records each event not seen before and applies it; returns every id to acknowledge
+/// (repeats included, so the agent stops resending them).
+pub fn events(
+    tx: &Transaction,
+    agent: &AgentId,
+    events: &[Event],
+    now: i64,
+) -> Result<Outcome, DbError> {
+    let epoch: Option<Vec<u8>> = tx
+        .query_row(
+            "SELECT outbox_epoch FROM agents WHERE id = ?1",
+            [agent.to_string()],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql)?
+        .flatten();
+    let Some(epoch) = epoch else {
+        return Ok(Outcome::NoEpoch);
+    };
+    let mut ids = Vec::with_capacity(events.len());
+    for e in events {
+        let Ok(id) = i64::try_from(e.id) else {
+            continue;
+        };
+        let fresh = tx
+            .execute(
+                "INSERT INTO events (agent, epoch, id, at_ms, received_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT DO NOTHING",
+                params![agent.to_string(), epoch, id, e.at_ms, now],
+            )
+            .map_err(sql)?;
+        if fresh == 1 {
+            apply(tx, agent, e, now)?;
+        }
+        ids.push(e.id);
+    }
+    tx.execute(
+        "UPDATE agents SET last_seen_ms = ?2 WHERE id = ?1",
+        params![agent.to_string(), now],
+    )
+    .map_err(sql)?;
+    Ok(Outcome::Ack(ids))
+}
+
+fn apply(tx: &Transaction, agent: &AgentId, e: &Event, now: i64) -> Result<(), DbError> {
+    let a = agent.to_string();
+    match &e.body {
+        EventBody::Job(j) => job(tx, &a, j, e.at_ms),
+        EventBody::Log { job, level, line } => {
+            tx.execute(
+                "INSERT INTO job_logs (job, agent, at_ms, level, line) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    job.to_string(),
+                    a,
+                    e.at_ms,
+                    format!("{level:?}").to_lowercase(),
+                    line.as_str()
+                ],
+            )
+            .map_err(sql)?;
+            Ok(())
+        }
+        EventBody::Snapshot(s) => {
+            tx.execute(
+                "INSERT INTO snapshots (agent, id, time_ms, hostname, files, bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING",
+                params![
+                    a,
+                    hex::encode(s.id),
+                    s.time_ms,
+                    s.hostname.as_str(),
+                    clamp(s.files),
+                    clamp(s.bytes)
+                ],
+            )
+            .map_err(sql)?;
+            Ok(())
+        }
+        EventBody::CommandAck {
+            command,
+            accepted,
+            reason,
+        } => {
+            tx.execute(
+                "UPDATE commands SET acked_ms = ?3, accepted = ?4, reason = ?5
+                 WHERE id = ?1 AND agent = ?2 AND acked_ms IS NULL",
+                params![command.to_string(), a, now, accepted, reason.as_str()],
+            )
+            .map_err(sql)?;
+            Ok(())
+        }
+    }
+}
+
+fn job(tx: &Transaction, agent: &str, j: &JobEvent, at: i64) -> Result<(), DbError> {
+    let kind = match j.kind {
+        JobKind::Backup => "backup",
+        JobKind::Verify => "verify",
+    };
+    tx.execute(
+        "INSERT INTO jobs (agent, id, kind, command, state, started_ms, updated_ms)
+         VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?5) ON CONFLICT DO NOTHING",
+        params![
+            agent,
+            j.job.to_string(),
+            kind,
+            j.command.map(|c| c.to_string()),
+            at
+        ],
+    )
+    .map_err(sql)?;
+    let id = j.job.to_string();
+    match &j.state {
+        JobState::Started => {}
+        JobState::Progress {
+            files,
+            bytes,
+            total_bytes,
+        } => {
+            tx.execute(
+                "UPDATE jobs SET files = ?4, bytes = ?5, total_bytes = ?6, updated_ms = ?3
+                 WHERE agent = ?1 AND id = ?2 AND state = 'running'",
+                params![agent, id, at, clamp(*files), clamp(*bytes), total_bytes.map(clamp)],
+            )
+            .map_err(sql)?;
+        }
+        JobState::Finished(t) => {
+            tx.execute(
+                "UPDATE jobs SET state = 'finished', files = ?4, bytes = ?5, new_bytes = ?6,
+                        uploaded_bytes = ?7, skipped = ?8, duration_ms = ?9, snapshot = ?10,
+                        updated_ms = ?3 WHERE agent = ?1 AND id = ?2",
+                params![
+                    agent,
+                    id,
+                    at,
+                    clamp(t.files),
+                    clamp(t.bytes),
+                    clamp(t.new_bytes),
+                    clamp(t.uploaded_bytes),
+                    clamp(t.skipped),
+                    clamp(t.duration_ms),
+                    t.snapshot.map(hex::encode)
+                ],
+            )
+            .map_err(sql)?;
+        }
+        JobState::Failed { reason } => end(tx, agent, &id, at, "failed", reason)?,
+        JobState::Skipped { reason } => end(tx, agent, &id, at, "skipped", reason)?,
+        JobState::Cancelled => end(tx, agent, &id, at, "cancelled", "")?,
+    }
+    Ok(())
+}
+
+fn end(
+    tx: &Transaction,
+    agent: &str,
+    id: &str,
+    at: i64,
+    state: &str,
+    reason: &str,
+) -> Result<(), DbError> {
+    tx.execute(
+        "UPDATE jobs SET state = ?4, reason = ?5, updated_ms = ?3 WHERE agent = ?1 AND id = ?2",
+        params![agent, id, at, state, reason],
+    )
+    .map_err(sql)?;
+    Ok(())
+}
+
+/// SQLite integers are signed; a count past i64::MAX is a lie, kept at the ceiling.
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
