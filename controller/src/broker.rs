@@ -28,7 +28,9 @@ pub enum BrokerError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("starting {program}: {source} (install Debian's `mosquitto` package, or give --broker-url)")]
+    #[error(
+        "starting {program}: {source} (install Debian's `mosquitto` package, or give --broker-url)"
+    )]
     Spawn {
         program: String,
         source: std::io::Error,

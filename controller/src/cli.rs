@@ -184,7 +184,9 @@ pub fn open_db(data: &Path) -> Result<Db> {
 fn agent_id(s: &str) -> Result<AgentId> {
     match AgentId::parse(s) {
         Some(a) => Ok(a),
-        None => bail!("{s:?} is not an agent id (32 lowercase hex digits; see `vaultik-controller agents`)"),
+        None => bail!(
+            "{s:?} is not an agent id (32 lowercase hex digits; see `vaultik-controller agents`)"
+        ),
     }
 }
 
@@ -200,19 +202,39 @@ fn agents(db: &Db, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("{:<32}  {:<8}  {:<20}  {:<20}  SNAPSHOTS", "AGENT", "STATE", "NAME", "LAST BACKUP");
+    println!(
+        "{:<32}  {:<8}  {:<20}  {:<20}  SNAPSHOTS",
+        "AGENT", "STATE", "NAME", "LAST BACKUP"
+    );
     for r in rows {
-        let state = if r.revoked { "revoked" } else if r.online { "online" } else { "offline" };
+        let state = if r.revoked {
+            "revoked"
+        } else if r.online {
+            "online"
+        } else {
+            "offline"
+        };
         let last = r.last_backup_ms.map_or_else(|| "never".into(), ago);
-        let name: String = r.display_name.chars().filter(|c| !c.is_control()).take(20).collect();
-        println!("{:<32}  {state:<8}  {name:<20}  {last:<20}  {}", r.id, r.snapshots);
+        let name: String = r
+            .display_name
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(20)
+            .collect();
+        println!(
+            "{:<32}  {state:<8}  {name:<20}  {last:<20}  {}",
+            r.id, r.snapshots
+        );
     }
     Ok(())
 }
 
 fn ago(ms: i64) -> String {
     let secs = u64::try_from(now_ms().saturating_sub(ms) / 1000).unwrap_or(0);
-    format!("{} ago", humantime::format_duration(Duration::from_secs(secs)))
+    format!(
+        "{} ago",
+        humantime::format_duration(Duration::from_secs(secs))
+    )
 }
 
 fn policy(data: &Path, p: PolicyArgs) -> Result<()> {
@@ -256,7 +278,8 @@ fn croner_check(expr: &str) -> Result<()> {
 }
 
 fn bounded<const N: usize>(s: &str, what: &str) -> Result<wire::heapless::String<N>> {
-    wire::heapless::String::try_from(s).map_err(|_| anyhow::anyhow!("{what} {s:?}: longer than {N} bytes"))
+    wire::heapless::String::try_from(s)
+        .map_err(|_| anyhow::anyhow!("{what} {s:?}: longer than {N} bytes"))
 }
 
 fn list<const N: usize, const M: usize>(

@@ -301,11 +301,7 @@ impl Db {
 
     /// Queues a command for `agent`; the serving controller sends it and resends it
     /// until the agent acknowledges it.
-    pub fn queue_command(
-        &self,
-        agent: &AgentId,
-        body: &CommandBody,
-    ) -> Result<CommandId, DbError> {
+    pub fn queue_command(&self, agent: &AgentId, body: &CommandBody) -> Result<CommandId, DbError> {
         let id = CommandId(rand::random());
         let bytes = wire::codec::encode(body)?;
         let n = self
@@ -352,8 +348,11 @@ impl Db {
                 .map_err(sql)?;
             let mut out = Vec::new();
             for (id, agent, body) in rows {
-                tx.execute("UPDATE commands SET sent_ms = ?2 WHERE id = ?1", params![id, now])
-                    .map_err(sql)?;
+                tx.execute(
+                    "UPDATE commands SET sent_ms = ?2 WHERE id = ?1",
+                    params![id, now],
+                )
+                .map_err(sql)?;
                 let (Some(cid), Some(agent), Ok(body)) = (
                     CommandId::parse(&id),
                     AgentId::parse(&agent),
@@ -388,9 +387,11 @@ impl Db {
                 return Err(DbError::NoAgent(id.clone()));
             }
             let last: Option<i64> = tx
-                .query_row("SELECT revision FROM policies WHERE agent = ?1", [&id], |r| {
-                    r.get(0)
-                })
+                .query_row(
+                    "SELECT revision FROM policies WHERE agent = ?1",
+                    [&id],
+                    |r| r.get(0),
+                )
                 .optional()
                 .map_err(sql)?;
             let revision = last.map_or(1, |r| r.saturating_add(1));

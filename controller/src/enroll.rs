@@ -95,7 +95,10 @@ fn display_name(name: &str) -> String {
 
 fn grant(s: &Enroller, req: &Request) -> Response {
     let Ok(secret) = hex::decode(req.token.trim()) else {
-        return refuse(StatusCode::FORBIDDEN, "the token is unknown, used or expired");
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "the token is unknown, used or expired",
+        );
     };
     let agent = AgentId(rand::random());
     let issued = match s.ca.sign_agent(&agent, &req.csr, s.cert_validity) {
@@ -121,7 +124,10 @@ fn grant(s: &Enroller, req: &Request) -> Response {
         }
         Ok(Err(why)) => {
             tracing::warn!("enrollment refused: {why}");
-            refuse(StatusCode::FORBIDDEN, "the token is unknown, used or expired")
+            refuse(
+                StatusCode::FORBIDDEN,
+                "the token is unknown, used or expired",
+            )
         }
         Err(e) => {
             tracing::error!("enrollment: {e}");
@@ -135,7 +141,8 @@ pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<rustls::ServerConfi
     let certs = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| EnrollError::Tls(e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| EnrollError::Tls(e.to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| EnrollError::Tls(e.to_string()))?;
     rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
@@ -173,7 +180,8 @@ pub async fn serve(
         let app = app.clone();
         tokio::spawn(async move {
             // A client that never finishes its handshake does not hold a task forever.
-            let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            let Ok(Ok(tls)) =
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
             else {
                 return;
             };

@@ -233,7 +233,14 @@ fn job(tx: &Transaction, agent: &str, j: &JobEvent, at: i64) -> Result<(), DbErr
             tx.execute(
                 "UPDATE jobs SET files = ?4, bytes = ?5, total_bytes = ?6, updated_ms = ?3
                  WHERE agent = ?1 AND id = ?2 AND state = 'running'",
-                params![agent, id, at, clamp(*files), clamp(*bytes), total_bytes.map(clamp)],
+                params![
+                    agent,
+                    id,
+                    at,
+                    clamp(*files),
+                    clamp(*bytes),
+                    total_bytes.map(clamp)
+                ],
             )
             .map_err(sql)?;
         }

@@ -8,7 +8,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS, TlsConfiguration, Transport,
+};
 use tokio::sync::mpsc;
 use wire::codec;
 use wire::id::AgentId;
@@ -144,9 +146,9 @@ impl Worker {
     fn run(mut self, mut rx: mpsc::Receiver<(String, bytes::Bytes)>) {
         let mut last_tick = Instant::now() - Duration::from_secs(60);
         loop {
-            let next = self
-                .handle
-                .block_on(async { tokio::time::timeout(Duration::from_millis(500), rx.recv()).await });
+            let next = self.handle.block_on(async {
+                tokio::time::timeout(Duration::from_millis(500), rx.recv()).await
+            });
             match next {
                 Ok(Some((topic, payload))) => self.message(&topic, &payload),
                 Ok(None) => return,
@@ -204,7 +206,9 @@ impl Worker {
                     self.send(&agent, &Down::Acked(list));
                 }
             }
-            Ok(Outcome::Refused) => tracing::warn!("dropped a message from revoked or unknown agent {agent}"),
+            Ok(Outcome::Refused) => {
+                tracing::warn!("dropped a message from revoked or unknown agent {agent}")
+            }
             Ok(_) => {}
             Err(e) => tracing::error!("ingesting from {agent}: {e}"),
         }
@@ -220,7 +224,9 @@ impl Worker {
             }
             match &up {
                 Up::Hello(h) => ingest::hello(tx, agent, h, now).map(|()| Outcome::Recorded),
-                Up::Heartbeat(h) => ingest::heartbeat(tx, agent, h, now).map(|()| Outcome::Recorded),
+                Up::Heartbeat(h) => {
+                    ingest::heartbeat(tx, agent, h, now).map(|()| Outcome::Recorded)
+                }
                 Up::Events(events) => ingest::events(tx, agent, events, now),
                 Up::Renew { .. } => Ok(Outcome::Recorded),
             }
@@ -241,7 +247,13 @@ impl Worker {
                 return Ok(false);
             }
             let now = now_ms();
-            crate::db::record_certificate(tx, agent, &issued.serial, now, crate::db::ms_of(issued.not_after))?;
+            crate::db::record_certificate(
+                tx,
+                agent,
+                &issued.serial,
+                now,
+                crate::db::ms_of(issued.not_after),
+            )?;
             Ok(true)
         })?;
         if !admitted {
@@ -281,7 +293,10 @@ impl Worker {
             let revoked = self.db.revoked_agents().map_err(|e| e.to_string())?;
             let serials = self.db.revoked_serials().map_err(|e| e.to_string())?;
             let number = u64::try_from(self.revision.unwrap_or(0)).unwrap_or(0) + 1;
-            let crl = self.ca.crl_pem(&serials, number).map_err(|e| e.to_string())?;
+            let crl = self
+                .ca
+                .crl_pem(&serials, number)
+                .map_err(|e| e.to_string())?;
             files.write_crl(&crl).map_err(|e| e.to_string())?;
             files.write_acl(&revoked).map_err(|e| e.to_string())?;
             reloader.reload().map_err(|e| e.to_string())?;
@@ -291,14 +306,20 @@ impl Worker {
             Ok(r) => r,
             Err(e) => return tracing::error!("applying revocations: {e}"),
         };
-        let fresh: Vec<_> = revoked.into_iter().filter(|a| !self.kicked.contains(a)).collect();
+        let fresh: Vec<_> = revoked
+            .into_iter()
+            .filter(|a| !self.kicked.contains(a))
+            .collect();
         if fresh.is_empty() {
             return;
         }
         // Let the broker finish its reload before the takeover.
         std::thread::sleep(Duration::from_millis(300));
         for agent in fresh {
-            match self.handle.block_on(end_session(&self.ca, &self.settings.endpoint, &agent)) {
+            match self
+                .handle
+                .block_on(end_session(&self.ca, &self.settings.endpoint, &agent))
+            {
                 Ok(()) => {
                     tracing::info!("revoked agent {agent}: its session is closed");
                     self.kicked.insert(agent);

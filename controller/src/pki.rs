@@ -126,7 +126,8 @@ impl Ca {
     /// (Re)writes the server certificate for `names` (DNS names or IP addresses) and
     /// the controller's client certificate. Both are renewed at every start.
     pub fn write_service_certs(&self, names: &[String]) -> Result<(), PkiError> {
-        let mut server = CertificateParams::new(names.to_vec()).map_err(cert_err("server names"))?;
+        let mut server =
+            CertificateParams::new(names.to_vec()).map_err(cert_err("server names"))?;
         server.distinguished_name = name("vaultik controller");
         server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let (pem, key) = self.sign_new(server, Duration::from_secs(398 * 86400))?;
@@ -301,7 +302,10 @@ mod tests {
         let issued = ca
             .sign_agent(&agent, &csr, Duration::from_secs(3600))
             .unwrap();
-        assert_eq!(subject_cn(&issued.pem).as_deref(), Some(&*agent.to_string()));
+        assert_eq!(
+            subject_cn(&issued.pem).as_deref(),
+            Some(&*agent.to_string())
+        );
         assert_eq!(issued.serial.len(), 32);
 
         assert!(matches!(

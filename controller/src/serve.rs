@@ -43,8 +43,16 @@ fn names(args: &ServeArgs) -> Vec<String> {
 fn broker_endpoint(args: &ServeArgs, pid: &Arc<AtomicI32>) -> Result<(String, u16, Reloader)> {
     let Some(url) = &args.broker_url else {
         let ip = args.listen_mqtt.ip();
-        let host = if ip.is_unspecified() { "127.0.0.1".to_string() } else { ip.to_string() };
-        return Ok((host, args.listen_mqtt.port(), Reloader::Supervised(pid.clone())));
+        let host = if ip.is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            ip.to_string()
+        };
+        return Ok((
+            host,
+            args.listen_mqtt.port(),
+            Reloader::Supervised(pid.clone()),
+        ));
     };
     let Some(rest) = url.strip_prefix("mqtts://") else {
         bail!("--broker-url {url}: use mqtts://HOST:PORT (TLS is required)");
@@ -56,7 +64,9 @@ fn broker_endpoint(args: &ServeArgs, pid: &Arc<AtomicI32>) -> Result<(String, u1
     let reload = match &args.broker_pid_file {
         Some(p) => Reloader::PidFile(p.clone()),
         None => {
-            tracing::warn!("no --broker-pid-file: the external broker will not reload revocations by itself");
+            tracing::warn!(
+                "no --broker-pid-file: the external broker will not reload revocations by itself"
+            );
             Reloader::None
         }
     };
@@ -130,7 +140,12 @@ async fn serve(data: &Path, args: ServeArgs) -> Result<()> {
         broker_host: public_host,
         broker_port: public_port,
     });
-    let https = tokio::spawn(enroll::serve(listener, tls, enroll::router(enroller), stop.clone()));
+    let https = tokio::spawn(enroll::serve(
+        listener,
+        tls,
+        enroll::router(enroller),
+        stop.clone(),
+    ));
 
     let settings = Settings {
         endpoint: Endpoint {
@@ -148,7 +163,11 @@ async fn serve(data: &Path, args: ServeArgs) -> Result<()> {
     tracing::info!(
         "serving: enrollment on https://{}, broker on {}",
         args.listen_https,
-        if supervised { args.listen_mqtt.to_string() } else { args.broker_url.clone().unwrap_or_default() }
+        if supervised {
+            args.listen_mqtt.to_string()
+        } else {
+            args.broker_url.clone().unwrap_or_default()
+        }
     );
 
     shutdown_signal().await;

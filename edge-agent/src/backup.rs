@@ -41,6 +41,9 @@ pub struct Options {
     pub progress: Progress,
     /// Re-read and re-hash every file even when its stat data is unchanged.
     pub rehash: bool,
+    /// Set from another thread to stop the backup at the next file; the run then
+    /// ends as a crash would, and the next one continues from it.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// What a finished backup reports.
@@ -51,6 +54,9 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Entries that could not be read, with the reason; they are not in the snapshot.
     pub skipped: Vec<String>,
+    /// The snapshot's time and host, as its manifest has them.
+    pub time_unix_ns: i64,
+    pub hostname: String,
 }
 
 /// A second walk of the tree, stat only, that adds up the bytes the backup will read
@@ -204,7 +210,16 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     let walked = walk(
         &roots.paths,
         &excludes,
-        |e| scan.visit(e),
+        |e| {
+            if opts
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed))
+            {
+                return Err(Error::Cancelled);
+            }
+            scan.visit(e)
+        },
         |path, err| {
             let line = format!("warning: skipped {}: {err}", path.display());
             opts.progress.warn(&line);
@@ -271,7 +286,7 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         format: MANIFEST_FORMAT,
         id: id.to_string(),
         agent: Some(index.agent_id()?.to_string()),
-        hostname,
+        hostname: hostname.clone(),
         time: humantime::format_rfc3339_millis(now).to_string(),
         time_unix_ns,
         source_dirs: sources,
@@ -299,6 +314,8 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         summary,
         elapsed: started.elapsed(),
         skipped,
+        time_unix_ns,
+        hostname,
     })
 }
 

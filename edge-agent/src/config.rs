@@ -290,7 +290,14 @@ struct RawConfig {
     hostname: Option<String>,
     #[serde(default)]
     retry_for: Option<Interval>,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    heartbeat_interval: Option<Interval>,
 }
+
+/// How often the daemon sends host metrics, unless the config says otherwise.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
 
 /// A validated agent configuration.
 #[derive(Debug, Clone)]
@@ -310,6 +317,11 @@ pub struct Config {
     pub hostname: Option<String>,
     /// How long each storage request is retried through transient failures.
     pub retry_for: Duration,
+    /// The daemon's state: its fleet identity (`link/`) and outbox. Default: the
+    /// directory of `index_path`.
+    pub state_dir: PathBuf,
+    /// How often the daemon reports host metrics to the controller.
+    pub heartbeat_interval: Duration,
 }
 
 impl Config {
@@ -407,6 +419,16 @@ impl Config {
         let index_path = raw
             .index_path
             .unwrap_or_else(|| PathBuf::from("/var/lib/vaultik/index.sqlite"));
+        let state_dir = raw.state_dir.unwrap_or_else(|| {
+            index_path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        });
+        let heartbeat_interval = raw.heartbeat_interval.map_or(DEFAULT_HEARTBEAT, |i| i.0);
+        if heartbeat_interval.is_zero() {
+            return Err(invalid("heartbeat_interval: must be more than zero".into()));
+        }
         let source_dirs = raw.source_dirs;
         for dir in &source_dirs {
             check_source(&dir.path).map_err(|e| invalid(format!("source_dirs: {e}")))?;
@@ -431,7 +453,49 @@ impl Config {
             retry_for: raw
                 .retry_for
                 .map_or(crate::store::retry::DEFAULT_RETRY_FOR, |i| i.0),
+            state_dir,
+            heartbeat_interval,
         })
+    }
+}
+
+impl Config {
+    /// This config under a policy from the controller: its sources, excludes and full
+    /// scan interval replace the config's where given. Keys, credentials and the
+    /// destination stay the config's: a policy cannot carry them.
+    pub fn under_policy(
+        &self,
+        sources: &[&str],
+        exclude: &[&str],
+        full_scan: Option<Duration>,
+    ) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: PathBuf::from("policy"),
+            message,
+        };
+        let mut out = self.clone();
+        if !sources.is_empty() {
+            out.source_dirs = sources
+                .iter()
+                .map(|p| {
+                    let path = PathBuf::from(p);
+                    check_source(&path).map_err(|e| invalid(format!("source_dirs: {e}")))?;
+                    Ok(SourceDir {
+                        path,
+                        optional: false,
+                    })
+                })
+                .collect::<Result<_, ConfigError>>()?;
+        }
+        if !exclude.is_empty() {
+            out.exclude = exclude.iter().map(|s| s.to_string()).collect();
+            crate::scan::Excludes::new(&out.exclude)
+                .map_err(|e| invalid(format!("exclude: {e}")))?;
+        }
+        if let Some(f) = full_scan.filter(|f| !f.is_zero()) {
+            out.full_scan_interval = Some(f);
+        }
+        Ok(out)
     }
 }
 

@@ -35,6 +35,8 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cancelled")]
+    Cancelled,
     #[error(
         "another backup is running with the index {0} (it holds {0}.lock); wait for it to finish"
     )]

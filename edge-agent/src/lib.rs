@@ -9,6 +9,7 @@ pub mod chunk;
 pub mod config;
 pub mod crypt;
 pub mod error;
+pub mod fleet;
 pub mod index;
 pub mod outbox;
 pub mod pack;

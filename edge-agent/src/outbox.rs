@@ -38,7 +38,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_droppable ON outbox (droppable, id);
+-- Commands already applied, so a redelivered one (even after a restart) is not.
+CREATE TABLE IF NOT EXISTS commands_seen (id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL);
 ";
+
+/// How many applied command ids are remembered; redeliveries come soon after.
+const SEEN_COMMANDS: i64 = 4096;
 
 pub struct Outbox {
     conn: Connection,
@@ -85,6 +90,45 @@ impl Outbox {
             path: self.path.clone(),
             source,
         }
+    }
+
+    /// A value the daemon keeps across restarts (its policy, its last run).
+    pub fn setting(&self, key: &str) -> Result<Option<Vec<u8>>, OutboxError> {
+        self.conn
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err())
+    }
+
+    pub fn set_setting(&self, key: &str, value: &[u8]) -> Result<(), OutboxError> {
+        self.conn
+            .execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = ?2",
+                params![key, value],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Records command `id` as applied; false if it already was.
+    pub fn first_time(&self, id: &str, at_ms: i64) -> Result<bool, OutboxError> {
+        let fresh = self
+            .conn
+            .execute(
+                "INSERT INTO commands_seen (id, at_ms) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                params![id, at_ms],
+            )
+            .map_err(self.err())?;
+        self.conn
+            .execute(
+                "DELETE FROM commands_seen WHERE rowid <= (SELECT max(rowid) FROM commands_seen) - ?1",
+                [SEEN_COMMANDS],
+            )
+            .map_err(self.err())?;
+        Ok(fresh == 1)
     }
 
     /// The outbox's random id; event ids count within it.

@@ -164,6 +164,33 @@ pub enum Cmd {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Join a fleet: make this agent's key, have the controller sign its certificate,
+    /// and keep both in the state directory (needs no private age key).
+    Enroll {
+        /// The controller's enrollment endpoint, e.g. https://controller:8443.
+        #[arg(long)]
+        controller: String,
+        /// The token `vaultik-controller token create` printed (single use).
+        #[arg(long, env = "VAULTIK_ENROLL_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The agent's config: its `state_dir` (default: the directory of
+        /// `index_path`) receives the identity.
+        #[arg(long, conflicts_with = "state_dir")]
+        config: Option<PathBuf>,
+        /// Put the identity here instead (default: /var/lib/vaultik).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// A name for people to recognise this host by (default: its hostname).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Run as the fleet's agent: back up on the controller's schedule (or the
+    /// config's `backup_interval`), run its commands, report to it. Keeps backing up
+    /// on schedule when the controller is unreachable.
+    Agent {
+        /// The agent's YAML config, as for `backup`.
+        config: PathBuf,
+    },
 }
 
 /// Where the backups are.

@@ -16,6 +16,7 @@ use edge_agent::store::retry::{DEFAULT_RETRY_FOR, Notice, RetryNotices};
 use edge_agent::store::{self, OpenOptions, Repo, StoreError};
 use edge_agent::verify::{self, ReadData};
 
+mod agent;
 pub mod args;
 mod show;
 
@@ -108,6 +109,23 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 return daemon_loop(&side.cfg, &side.repo, rehash);
             }
             backup_once(&side.cfg, &side.repo, !cron, rehash)
+        }
+        Cmd::Enroll {
+            controller,
+            token,
+            config,
+            state_dir,
+            name,
+        } => {
+            let state = agent::state_dir(config.as_deref(), state_dir.as_deref())?;
+            agent::enroll(&state, &controller, &token, name)
+        }
+        Cmd::Agent { config } => {
+            let AgentSide { cfg, repo, _rt: rt } =
+                AgentSide::open(&config, retry_for, verbose, false, true)?;
+            let code = agent::run(cfg, repo);
+            drop(rt);
+            code
         }
         Cmd::Snapshots { repo, json } => {
             snapshots(&RestoreSide::open(&repo, retry_for, verbose, false)?, json)
@@ -296,7 +314,15 @@ fn write_key(path: &Path, text: &str) -> Result<()> {
 
 fn backup_once(cfg: &Config, repo: &Repo, show: bool, rehash: bool) -> Result<ExitCode> {
     let progress = Progress::new(show, "backup");
-    let out = backup::run(cfg, repo, backup::Options { progress, rehash })?;
+    let out = backup::run(
+        cfg,
+        repo,
+        backup::Options {
+            progress,
+            rehash,
+            cancel: None,
+        },
+    )?;
     if show {
         eprintln!(
             "{}",
