@@ -120,6 +120,7 @@ fn config(files: &BrokerFiles, pki: &Layout, listen: SocketAddr, root: bool) -> 
          max_queued_messages 10000\n\
          max_packet_size 65536\n\
          acl_file {acl}\n\
+         pid_file {d}/mosquitto.pid\n\
          log_dest stderr\n\
          log_type error\n\
          log_type warning\n\
@@ -187,6 +188,34 @@ fn signal(pid: i32, sig: rustix::process::Signal) -> Result<(), BrokerError> {
     })
 }
 
+/// Stops a broker left running from our config by a controller that was killed
+/// (SIGKILL gives it no chance to stop its child), so that the new one can listen.
+async fn stop_stale(config: &Path) {
+    let Some(dir) = config.parent() else { return };
+    let Ok(text) = std::fs::read_to_string(dir.join("mosquitto.pid")) else {
+        return;
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return;
+    };
+    let ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        let needle = config.as_os_str().as_encoded_bytes();
+        c.windows(needle.len()).any(|w| w == needle)
+    });
+    if !ours {
+        return;
+    }
+    tracing::warn!("stopping a broker (pid {pid}) left running by an earlier controller");
+    let _ = signal(pid, rustix::process::Signal::TERM);
+    for _ in 0..50 {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = signal(pid, rustix::process::Signal::KILL);
+}
+
 /// Runs `mosquitto -c <config>`, restarting it (after a pause that grows to 30 s) if it
 /// exits, until `stop` fires; then stops it with SIGTERM and waits for it.
 pub async fn supervise(
@@ -198,6 +227,7 @@ pub async fn supervise(
 ) {
     let mut started = Some(started);
     let mut pause = Duration::from_millis(500);
+    stop_stale(&config).await;
     loop {
         let child = tokio::process::Command::new(&program)
             .arg("-c")
