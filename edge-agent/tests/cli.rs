@@ -90,6 +90,8 @@ fn help_texts() {
         "prune",
         "verify",
         "keygen",
+        "enroll",
+        "agent",
     ] {
         let args: Vec<&str> = [sub, "--help"]
             .into_iter()
