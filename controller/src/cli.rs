@@ -271,10 +271,10 @@ fn policy(data: &Path, p: PolicyArgs) -> Result<()> {
 }
 
 fn croner_check(expr: &str) -> Result<()> {
-    if expr.split_whitespace().count() != 5 {
-        bail!("--cron {expr:?}: a cron expression has five fields (minute hour day month weekday)");
+    match wire::message::parse_cron(expr) {
+        Ok(_) => Ok(()),
+        Err(why) => bail!("--cron {expr:?}: {why}"),
     }
-    Ok(())
 }
 
 fn bounded<const N: usize>(s: &str, what: &str) -> Result<wire::heapless::String<N>> {

@@ -291,3 +291,185 @@ fn end(
 fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use wire::id::JobId;
+    use wire::message::{JobTotals, SnapshotRecord};
+
+    use super::*;
+    use crate::db::Db;
+
+    fn enrolled(db: &mut Db, a: AgentId) {
+        let t = hex::decode(db.create_token(Duration::from_secs(60), "").unwrap()).unwrap();
+        let cert = crate::pki::Issued {
+            pem: String::new(),
+            serial: hex::encode(a.0),
+            not_after: std::time::SystemTime::now() + Duration::from_secs(60),
+        };
+        db.enroll(&t, &a, "x", &cert).unwrap().unwrap();
+    }
+
+    fn hello_msg() -> Hello {
+        Hello {
+            version: "1".try_into().unwrap(),
+            os: "linux".try_into().unwrap(),
+            arch: "aarch64".try_into().unwrap(),
+            hostname: "pi".try_into().unwrap(),
+            capabilities: Default::default(),
+            policy_revision: None,
+            outbox: [7; 16],
+        }
+    }
+
+    fn job_event(id: u64, job: JobId, state: JobState) -> Event {
+        Event {
+            id,
+            at_ms: 1,
+            body: EventBody::Job(JobEvent {
+                job,
+                kind: JobKind::Backup,
+                command: None,
+                state,
+            }),
+        }
+    }
+
+    fn count(db: &Db, sql: &str) -> i64 {
+        db.conn().query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn a_redelivered_batch_is_acknowledged_again_and_applied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("c.sqlite")).unwrap();
+        let a = AgentId([1; 16]);
+        enrolled(&mut db, a);
+        let job = JobId([5; 16]);
+        let batch = vec![
+            job_event(1, job, JobState::Started),
+            Event {
+                id: 2,
+                at_ms: 2,
+                body: EventBody::Snapshot(SnapshotRecord {
+                    id: [9; 16],
+                    time_ms: 2,
+                    hostname: "pi".try_into().unwrap(),
+                    files: 3,
+                    bytes: 4,
+                }),
+            },
+            Event {
+                id: 4,
+                at_ms: 2,
+                body: EventBody::Log {
+                    job,
+                    level: wire::message::Level::Warn,
+                    line: "skipped /x".try_into().unwrap(),
+                },
+            },
+            job_event(
+                3,
+                job,
+                JobState::Finished(JobTotals {
+                    files: 3,
+                    ..JobTotals::default()
+                }),
+            ),
+        ];
+        let early = db.with_tx(|tx| events(tx, &a, &batch, 1)).unwrap();
+        assert_eq!(early, Outcome::NoEpoch, "no hello yet: not acknowledged");
+        db.with_tx(|tx| hello(tx, &a, &hello_msg(), 1)).unwrap();
+        for _ in 0..2 {
+            let out = db.with_tx(|tx| events(tx, &a, &batch, 1)).unwrap();
+            assert_eq!(out, Outcome::Ack(vec![1, 2, 4, 3]));
+        }
+        assert_eq!(count(&db, "SELECT count(*) FROM snapshots"), 1);
+        assert_eq!(
+            count(&db, "SELECT count(*) FROM job_logs"),
+            1,
+            "a log line once"
+        );
+        assert_eq!(
+            count(
+                &db,
+                "SELECT count(*) FROM jobs WHERE state = 'finished' AND files = 3"
+            ),
+            1
+        );
+        // A late progress event cannot reopen a finished job.
+        let late = [job_event(
+            5,
+            job,
+            JobState::Progress {
+                files: 1,
+                bytes: 1,
+                total_bytes: None,
+            },
+        )];
+        db.with_tx(|tx| events(tx, &a, &late, 1)).unwrap();
+        assert_eq!(
+            count(
+                &db,
+                "SELECT count(*) FROM jobs WHERE state = 'finished' AND files = 3"
+            ),
+            1
+        );
+    }
+
+    #[test]
+    fn an_agent_cannot_reach_another_agents_jobs_or_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("c.sqlite")).unwrap();
+        let (a, b) = (AgentId([1; 16]), AgentId([2; 16]));
+        enrolled(&mut db, a);
+        enrolled(&mut db, b);
+        let command = db
+            .queue_command(&a, &wire::message::CommandBody::RunBackup)
+            .unwrap();
+        let job = JobId([5; 16]);
+        for agent in [a, b] {
+            db.with_tx(|tx| hello(tx, &agent, &hello_msg(), 1)).unwrap();
+        }
+        db.with_tx(|tx| events(tx, &a, &[job_event(1, job, JobState::Started)], 1))
+            .unwrap();
+        let forged = [
+            job_event(
+                1,
+                job,
+                JobState::Failed {
+                    reason: "forged".try_into().unwrap(),
+                },
+            ),
+            Event {
+                id: 2,
+                at_ms: 1,
+                body: EventBody::CommandAck {
+                    command,
+                    accepted: false,
+                    reason: "forged".try_into().unwrap(),
+                },
+            },
+        ];
+        db.with_tx(|tx| events(tx, &b, &forged, 1)).unwrap();
+        let a_job: String = db
+            .conn()
+            .query_row(
+                "SELECT state FROM jobs WHERE agent = ?1",
+                [a.to_string()],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(a_job, "running");
+        assert_eq!(
+            count(&db, "SELECT count(*) FROM commands WHERE acked_ms IS NULL"),
+            1
+        );
+        // A revoked agent is no longer admitted.
+        db.revoke(&b).unwrap();
+        assert!(!db.with_tx(|tx| admitted(tx, &b)).unwrap());
+        assert!(db.with_tx(|tx| admitted(tx, &a)).unwrap());
+    }
+}

@@ -339,7 +339,16 @@ async fn end_session(ca: &Ca, ep: &Endpoint, agent: &AgentId) -> Result<(), Stri
     let mut opts = options(ep, &id, cert.into_bytes(), key.into_bytes());
     opts.set_clean_session(true);
     let (client, mut eventloop) = AsyncClient::new(opts, 4);
-    let connected = tokio::time::timeout(Duration::from_secs(10), async {
+    connack(&mut eventloop, Duration::from_secs(10)).await?;
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+    Ok(())
+}
+
+/// Polls until the broker accepts the connection (Ok) or refuses or drops it (the
+/// error), for at most `limit`.
+pub async fn connack(eventloop: &mut EventLoop, limit: Duration) -> Result<(), String> {
+    let answer = tokio::time::timeout(limit, async {
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Incoming::ConnAck(_))) => return Ok(()),
@@ -347,11 +356,8 @@ async fn end_session(ca: &Ca, ep: &Endpoint, agent: &AgentId) -> Result<(), Stri
                 Err(e) => return Err(e.to_string()),
             }
         }
-    })
-    .await
-    .map_err(|_| "the broker did not answer".to_string())?;
-    connected?;
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
-    Ok(())
+    });
+    answer
+        .await
+        .unwrap_or_else(|_| Err("the broker did not answer".to_string()))
 }

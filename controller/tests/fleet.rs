@@ -96,6 +96,16 @@ fn end_to_end_over_an_external_mosquitto() {
     end_to_end(Broker::External);
 }
 
+/// Waits until the controller has the agent's hello.
+fn wait_online(fleet: &Fleet, agent: &str) {
+    eventually(30, "the agent online", || {
+        fleet.count(&q(
+            "SELECT count(*) FROM agents WHERE id = $A AND online = 1 AND version IS NOT NULL",
+            agent,
+        )) == 1
+    });
+}
+
 /// Waits until the controller knows `n` jobs of `agent` have started.
 fn wait_started(fleet: &Fleet, agent: &str, n: i64) {
     eventually(60, "a started job", || {
@@ -118,21 +128,13 @@ fn a_killed_broker_or_controller_loses_nothing_and_repeats_nothing() {
         std::fs::write(big.join(format!("{i}.bin")), bytes).unwrap();
     }
     a.start();
-    eventually(30, "online", || {
-        fleet.count(&q(
-            "SELECT count(*) FROM agents WHERE id = $A AND online = 1",
-            &a.id,
-        )) == 1
-    });
+    wait_online(&fleet, &a.id);
 
     // 1. The broker dies mid-run; the controller's supervisor restarts it.
     let broker = fleet.embedded_broker_pid().unwrap();
     assert!(fleet.ctl(&["run-backup", &a.id]).status.success());
     wait_started(&fleet, &a.id, 1);
-    std::process::Command::new("kill")
-        .args(["-KILL", &broker.to_string()])
-        .status()
-        .unwrap();
+    common::signal(broker, common::Signal::KILL);
     eventually(
         90,
         "the first job reported after the broker came back",
@@ -149,7 +151,7 @@ fn a_killed_broker_or_controller_loses_nothing_and_repeats_nothing() {
     assert!(fleet.ctl(&["run-backup", &a.id]).status.success());
     std::fs::write(a.dir.path().join("src/docs/changed.txt"), "new").unwrap();
     wait_started(&fleet, &a.id, 2);
-    fleet.stop_controller("-KILL");
+    fleet.stop_controller(common::Signal::KILL);
     std::thread::sleep(Duration::from_secs(2));
     fleet.start_controller();
     eventually(
@@ -193,12 +195,7 @@ fn backups_run_on_time_while_the_controller_is_down_and_are_reported_later() {
     let mut fleet = Fleet::start(Broker::Embedded);
     let mut a = Agent::enroll(&fleet, &s3, "pi", "");
     a.start();
-    eventually(30, "online", || {
-        fleet.count(&q(
-            "SELECT count(*) FROM agents WHERE id = $A AND online = 1",
-            &a.id,
-        )) == 1
-    });
+    wait_online(&fleet, &a.id);
     let out = fleet.ctl(&["policy", &a.id, "--every", "2s"]);
     assert!(
         out.status.success(),
@@ -213,7 +210,7 @@ fn backups_run_on_time_while_the_controller_is_down_and_are_reported_later() {
     });
     eventually(30, "a first scheduled backup", || s3.manifests("pi") >= 1);
 
-    fleet.stop_controller("-TERM");
+    fleet.stop_controller(common::Signal::TERM);
     let before = s3.manifests("pi");
     std::thread::sleep(Duration::from_secs(9));
     let during = s3.manifests("pi") - before;

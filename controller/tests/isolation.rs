@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Agent, Broker, Fleet, Rclone, eventually};
-use controller::link::{Endpoint, options};
+use controller::link::{Endpoint, connack, options};
 use rcgen::{CertificateParams, DnType, Issuer, KeyPair};
 use rumqttc::{AsyncClient, Event, EventLoop, Incoming, QoS};
 use wire::message::{EventBody, Hello, SnapshotRecord, Status, Up};
@@ -37,18 +37,8 @@ async fn connect(
     key: Vec<u8>,
 ) -> Result<(AsyncClient, EventLoop), String> {
     let (client, mut ev) = AsyncClient::new(options(ep, id, cert, key), 16);
-    let r = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ev.poll().await {
-                Ok(Event::Incoming(Incoming::ConnAck(_))) => return Ok(()),
-                Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| Err("timed out".into()));
-    r.map(|()| (client, ev))
+    connack(&mut ev, Duration::from_secs(10)).await?;
+    Ok((client, ev))
 }
 
 /// Everything that arrives for `secs`: (topic, payload).
@@ -170,6 +160,23 @@ fn isolation(broker: Broker) {
                 .await
                 .unwrap();
         }
+        // Garbage and an oversized payload on its own topics are counted and dropped.
+        let m = &mallory.id;
+        for (leaf, payload) in [
+            ("up", b"\xff\xff\xff garbage".to_vec()),
+            ("up", vec![1u8; 40 * 1024]),
+            ("status", vec![]),
+        ] {
+            client
+                .publish(
+                    format!("vaultik/agents/{m}/{leaf}"),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .await
+                .unwrap();
+        }
         // The victim gets a command and answers it meanwhile.
         assert!(fleet.ctl(&["run-backup", &v]).status.success());
         let heard = collect(&mut ev, 8).await;
@@ -181,6 +188,13 @@ fn isolation(broker: Broker) {
             "SELECT count(*) FROM snapshots WHERE agent = '{v}'"
         )) == 1
     });
+    assert_eq!(
+        fleet.count(
+            "SELECT coalesce(sum(value), 0) FROM counters WHERE name = 'malformed_messages'"
+        ),
+        3,
+        "each bad payload counted; the controller stayed up (the victim's backup above)"
+    );
     assert_eq!(
         fleet.count(&format!(
             "SELECT count(*) FROM agents WHERE id = '{v}' AND version = 'evil'"
@@ -226,33 +240,13 @@ fn isolation(broker: Broker) {
             client_auth: None,
         }));
         let (_c, mut ev) = AsyncClient::new(no_cert, 4);
-        let r = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                match ev.poll().await {
-                    Ok(Event::Incoming(Incoming::ConnAck(_))) => return Ok(()),
-                    Ok(_) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        })
-        .await
-        .unwrap();
+        let r = connack(&mut ev, Duration::from_secs(10)).await;
         assert!(r.is_err(), "a client without a certificate is refused");
         // Plain MQTT on the broker's port gets no session: the port speaks only TLS.
         let plain = rumqttc::MqttOptions::new("plain", "127.0.0.1", fleet.mqtt);
         let (_c, mut ev) = AsyncClient::new(plain, 4);
-        let r = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                if let Ok(Event::Incoming(Incoming::ConnAck(_))) = ev.poll().await {
-                    return true;
-                }
-            }
-        })
-        .await;
-        assert!(
-            r.is_err() || r == Ok(false),
-            "plain TCP must not get a session"
-        );
+        let r = connack(&mut ev, Duration::from_secs(5)).await;
+        assert!(r.is_err(), "plain TCP must not get a session");
     });
 
     // Revocation cuts the live session and every later connection.

@@ -19,6 +19,18 @@ pub type LogLine = Str<512>;
 /// Events per [`Up::Events`] and ids per [`Down::Acked`].
 pub const BATCH: usize = 16;
 
+/// `s` cut to at most `N` bytes at a character boundary, for text that may be long
+/// (host names, mount points, reasons) but must fit its bound.
+pub fn truncated<const N: usize>(s: &str) -> Str<N> {
+    let mut out = Str::new();
+    for c in s.chars() {
+        if out.push(c).is_err() {
+            break;
+        }
+    }
+    out
+}
+
 /// Agent → controller, on the agent's `up` topic.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -227,6 +239,16 @@ pub struct Policy {
     pub retention: Retention,
     /// A destination defined in the agent's config, by name.
     pub destination: Name,
+}
+
+/// Parses a five-field cron expression (minute hour day month weekday), the one
+/// check both the controller (before sending a policy) and the agent (before
+/// adopting one) apply.
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    if expr.split_whitespace().count() != 5 {
+        return Err("needs five fields: minute hour day month weekday".into());
+    }
+    expr.parse::<croner::Cron>().map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -53,10 +53,15 @@ fn wait_port(port: u16) {
     });
 }
 
-pub fn kill(child: &mut Child, sig: &str) {
-    let _ = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status();
+pub use rustix::process::Signal;
+
+pub fn signal(pid: u32, sig: Signal) {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
+    let _ = rustix::process::kill_process(pid, sig);
+}
+
+pub fn kill(child: &mut Child, sig: Signal) {
+    signal(child.id(), sig);
 }
 
 pub struct Rclone {
@@ -253,7 +258,7 @@ impl Fleet {
     }
 
     /// Stops the controller: SIGTERM (graceful) or SIGKILL.
-    pub fn stop_controller(&mut self, sig: &str) {
+    pub fn stop_controller(&mut self, sig: Signal) {
         if let Some(mut c) = self.controller.take() {
             kill(&mut c, sig);
             let _ = c.wait();
@@ -290,7 +295,7 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        self.stop_controller("-TERM");
+        self.stop_controller(Signal::TERM);
         if let Some(mut m) = self.mosquitto.take() {
             let _ = m.kill();
             let _ = m.wait();
@@ -387,7 +392,7 @@ impl Agent {
 
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            kill(&mut c, "-TERM");
+            kill(&mut c, Signal::TERM);
             let _ = c.wait();
         }
     }

@@ -67,15 +67,9 @@ impl Sampler {
             if out.iter().any(|x: &Disk| x.mount.as_str() == mount) {
                 continue;
             }
-            let mut text = wire::heapless::String::new();
-            for c in mount.chars() {
-                if text.push(c).is_err() {
-                    break;
-                }
-            }
             let disk = Disk {
                 role,
-                mount: text,
+                mount: wire::message::truncated(&mount),
                 total: d.total_space(),
                 available: d.available_space(),
             };

@@ -2,7 +2,6 @@
 //! start and the clock. A run is never closer to the previous one than the minimum
 //! gap; a run missed while the agent was stopped happens at once on start, once.
 
-use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Local};
@@ -24,18 +23,12 @@ pub enum Schedule {
 
 impl Schedule {
     pub fn cron(expr: &str) -> Result<Self, ScheduleError> {
-        let err = |reason: String| ScheduleError::Cron {
-            expr: expr.to_string(),
-            reason,
-        };
-        if expr.split_whitespace().count() != 5 {
-            return Err(err(
-                "needs five fields: minute hour day month weekday".into()
-            ));
-        }
-        croner::Cron::from_str(expr)
+        wire::message::parse_cron(expr)
             .map(|c| Schedule::Cron(Box::new(c)))
-            .map_err(|e| err(e.to_string()))
+            .map_err(|reason| ScheduleError::Cron {
+                expr: expr.to_string(),
+                reason,
+            })
     }
 
     pub fn every(d: Duration) -> Result<Self, ScheduleError> {

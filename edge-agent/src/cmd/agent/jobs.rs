@@ -11,6 +11,7 @@ use edge_agent::config::Config;
 use edge_agent::progress::Progress;
 use edge_agent::store::Repo;
 use wire::id::{CommandId, JobId};
+use wire::message::truncated;
 use wire::message::{EventBody, JobEvent, JobKind, JobState, JobTotals, Policy, SnapshotRecord};
 
 #[derive(Clone, Copy)]
@@ -31,17 +32,6 @@ pub struct Job {
 /// A finished job's events, in order.
 pub struct Done {
     pub events: Vec<EventBody>,
-}
-
-/// Bounded text for an event: cut at a character boundary.
-pub fn text<const N: usize>(s: &str) -> wire::heapless::String<N> {
-    let mut out = wire::heapless::String::new();
-    for c in s.chars() {
-        if out.push(c).is_err() {
-            break;
-        }
-    }
-    out
 }
 
 /// The config a policy makes of `cfg`.
@@ -124,10 +114,10 @@ pub async fn wait(job: &mut Option<Job>) -> Done {
         Ok(Ok(_)) => vec![j.event(JobState::Finished(JobTotals::default()))],
         Ok(Err(_)) if cancelled => vec![j.event(JobState::Cancelled)],
         Ok(Err(reason)) => vec![j.event(JobState::Failed {
-            reason: text(&reason),
+            reason: truncated(&reason),
         })],
         Err(e) => vec![j.event(JobState::Failed {
-            reason: text(&format!("the job stopped: {e}")),
+            reason: truncated(&format!("the job stopped: {e}")),
         })],
     };
     Done { events }
@@ -179,7 +169,7 @@ fn run_backup(
     let record = SnapshotRecord {
         id,
         time_ms: out.time_unix_ns / 1_000_000,
-        hostname: text(&out.hostname),
+        hostname: truncated(&out.hostname),
         files: s.files,
         bytes: s.bytes,
     };

@@ -21,7 +21,9 @@ use edge_agent::outbox::Outbox;
 use edge_agent::store::Repo;
 use rumqttc::QoS;
 use tokio::sync::mpsc;
-use wire::message::{Capability, Command, CommandBody, Down, EventBody, Hello, Policy, Status, Up};
+use wire::message::{
+    Capability, Command, CommandBody, Down, EventBody, Hello, Policy, Status, Up, truncated,
+};
 use wire::topic::{self, Leaf};
 
 use self::jobs::{Job, JobKindArg};
@@ -213,25 +215,16 @@ impl Daemon {
     }
 
     fn hello(&self) -> Hello {
-        let text = |s: &str| {
-            let mut out = wire::heapless::String::new();
-            for c in s.chars() {
-                if out.push(c).is_err() {
-                    break;
-                }
-            }
-            out
-        };
         let host = rustix::system::uname();
         let mut capabilities = wire::heapless::Vec::new();
         for c in [Capability::Backup, Capability::Verify] {
             let _ = capabilities.push(c);
         }
         Hello {
-            version: text(env!("CARGO_PKG_VERSION")),
-            os: text(std::env::consts::OS),
-            arch: text(std::env::consts::ARCH),
-            hostname: text(&host.nodename().to_string_lossy()),
+            version: truncated(env!("CARGO_PKG_VERSION")),
+            os: truncated(std::env::consts::OS),
+            arch: truncated(std::env::consts::ARCH),
+            hostname: truncated(&host.nodename().to_string_lossy()),
             capabilities,
             policy_revision: self.policy.as_ref().map(|p| p.revision),
             outbox: self.outbox.epoch(),
@@ -330,7 +323,7 @@ impl Daemon {
         self.push(&EventBody::CommandAck {
             command: c.id,
             accepted,
-            reason: jobs::text(&reason),
+            reason: truncated(&reason),
         })
     }
 
