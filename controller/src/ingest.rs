@@ -248,7 +248,7 @@ fn job(tx: &Transaction, agent: &str, j: &JobEvent, at: i64) -> Result<(), DbErr
             tx.execute(
                 "UPDATE jobs SET state = 'finished', files = ?4, bytes = ?5, new_bytes = ?6,
                         uploaded_bytes = ?7, skipped = ?8, duration_ms = ?9, snapshot = ?10,
-                        updated_ms = ?3 WHERE agent = ?1 AND id = ?2",
+                        updated_ms = ?3 WHERE agent = ?1 AND id = ?2 AND state = 'running'",
                 params![
                     agent,
                     id,
@@ -271,6 +271,7 @@ fn job(tx: &Transaction, agent: &str, j: &JobEvent, at: i64) -> Result<(), DbErr
     Ok(())
 }
 
+/// A job ends once: the first terminal state recorded stays, whatever arrives later.
 fn end(
     tx: &Transaction,
     agent: &str,
@@ -280,7 +281,8 @@ fn end(
     reason: &str,
 ) -> Result<(), DbError> {
     tx.execute(
-        "UPDATE jobs SET state = ?4, reason = ?5, updated_ms = ?3 WHERE agent = ?1 AND id = ?2",
+        "UPDATE jobs SET state = ?4, reason = ?5, updated_ms = ?3
+         WHERE agent = ?1 AND id = ?2 AND state = 'running'",
         params![agent, id, at, state, reason],
     )
     .map_err(sql)?;
@@ -414,6 +416,25 @@ mod tests {
             count(
                 &db,
                 "SELECT count(*) FROM jobs WHERE state = 'finished' AND files = 3"
+            ),
+            1
+        );
+        // Nor can a later terminal state rewrite how it ended.
+        let failed = [
+            job_event(
+                6,
+                job,
+                JobState::Failed {
+                    reason: "late".try_into().unwrap(),
+                },
+            ),
+            job_event(7, job, JobState::Cancelled),
+        ];
+        db.with_tx(|tx| events(tx, &a, &failed, 1)).unwrap();
+        assert_eq!(
+            count(
+                &db,
+                "SELECT count(*) FROM jobs WHERE state = 'finished' AND reason IS NULL"
             ),
             1
         );
