@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::Duration;
 
 use common::{Agent, Broker, Fleet, Rclone, eventually};
@@ -16,6 +17,15 @@ fn end_to_end(broker: Broker) {
     let s3 = Rclone::start();
     let fleet = Fleet::start(broker);
     let mut a = Agent::enroll(&fleet, &s3, "pi", "");
+    // A fifo is skipped with a note, which reaches the controller as a job log line.
+    let fifo = a.dir.path().join("src/pipe");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
     a.start();
     eventually(30, "the hello", || {
         fleet.count(&q(
@@ -53,6 +63,21 @@ fn end_to_end(broker: Broker) {
         .unwrap();
     assert_eq!((state.as_str(), files), ("finished", 20));
     assert_eq!(cmd, command, "the job names the command that asked for it");
+    let line: String = fleet
+        .db()
+        .query_row(
+            &q(
+                "SELECT level || ' ' || line FROM job_logs WHERE agent = $A",
+                &a.id,
+            ),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        line.starts_with("info note: not backing up special file") && line.contains("src/pipe"),
+        "{line}"
+    );
     let recorded: String = fleet
         .db()
         .query_row(

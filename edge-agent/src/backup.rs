@@ -144,11 +144,14 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     let mut index = Index::open(&config.index_path)?;
     let hasher = ChunkHasher::new(index.chunk_key()?);
     index.begin_run()?;
+    // The previous snapshot's size is the estimate until the scan ahead (on a
+    // terminal only: it is a second walk) is done.
+    if opts.progress.is_watched()
+        && let Some(bytes) = index.last_snapshot_bytes()?
+    {
+        opts.progress.set_total(bytes);
+    }
     let ahead = if opts.progress.is_shown() {
-        // The previous snapshot's size is the estimate until the scan ahead is done.
-        if let Some(bytes) = index.last_snapshot_bytes()? {
-            opts.progress.set_total(bytes);
-        }
         Some(ScanAhead::start(
             roots.paths.clone(),
             excludes.clone(),
@@ -538,6 +541,7 @@ impl Scanner<'_> {
     }
 
     fn count_file(&mut self, change: Change) {
+        self.progress.add_file();
         let s = &mut self.summary;
         s.files += 1;
         match change {

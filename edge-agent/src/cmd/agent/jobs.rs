@@ -8,11 +8,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use edge_agent::backup;
 use edge_agent::config::Config;
-use edge_agent::progress::Progress;
+use edge_agent::progress::{Counts, Progress, Tally};
 use edge_agent::store::Repo;
 use wire::id::{CommandId, JobId};
 use wire::message::truncated;
-use wire::message::{EventBody, JobEvent, JobKind, JobState, JobTotals, Policy, SnapshotRecord};
+use wire::message::{
+    EventBody, JobEvent, JobKind, JobState, JobTotals, Level, Policy, SnapshotRecord,
+};
+
+/// Warning lines a job keeps for the controller between two reports.
+const LINES_PER_REPORT: usize = 64;
 
 #[derive(Clone, Copy)]
 pub enum JobKindArg {
@@ -27,6 +32,8 @@ pub struct Job {
     cancel: Arc<AtomicBool>,
     handle: tokio::task::JoinHandle<Result<Vec<EventBody>, String>>,
     started: Instant,
+    tally: Arc<Tally>,
+    reported: Option<Counts>,
 }
 
 /// A finished job's events, in order.
@@ -57,8 +64,10 @@ impl Job {
     ) -> Self {
         let cancel = Arc::new(AtomicBool::new(false));
         let flag = cancel.clone();
+        let tally = Arc::new(Tally::new(LINES_PER_REPORT));
+        let progress = Progress::tallied("backup", tally.clone());
         let handle = tokio::task::spawn_blocking(move || match kind {
-            JobKindArg::Backup => run_backup(&cfg, &repo, flag),
+            JobKindArg::Backup => run_backup(&cfg, &repo, flag, progress),
             JobKindArg::Verify => run_verify(&cfg, &repo),
         });
         Job {
@@ -71,7 +80,37 @@ impl Job {
             cancel,
             handle,
             started: Instant::now(),
+            tally,
+            reported: None,
         }
+    }
+
+    /// What happened since the last report: the counts, when they moved, and the
+    /// warning lines (with a note of any that did not fit).
+    pub fn report(&mut self) -> Vec<EventBody> {
+        let mut out = Vec::new();
+        let counts = self.tally.counts();
+        if self.reported != Some(counts) {
+            self.reported = Some(counts);
+            out.push(self.event(JobState::Progress {
+                files: counts.files,
+                bytes: counts.bytes,
+                total_bytes: counts.total,
+            }));
+        }
+        let (lines, dropped) = self.tally.take_lines();
+        let log = |level, line: &str| EventBody::Log {
+            job: self.id,
+            level,
+            line: truncated(line),
+        };
+        for line in lines {
+            out.push(log(level_of(&line), &line));
+        }
+        if dropped > 0 {
+            out.push(log(Level::Warn, &format!("{dropped} more lines not sent")));
+        }
+        out
     }
 
     fn event(&self, state: JobState) -> EventBody {
@@ -94,6 +133,9 @@ pub async fn wait(job: &mut Option<Job>) -> Done {
         return std::future::pending().await;
     };
     let result = (&mut j.handle).await;
+    // The lines of the job's last moments; its counts are in the final event.
+    let mut tail = j.report();
+    tail.retain(|e| matches!(e, EventBody::Log { .. }));
     let cancelled = j.cancel.load(Ordering::Relaxed);
     let state = |events: &[EventBody]| events.is_empty();
     let events = match result {
@@ -120,7 +162,8 @@ pub async fn wait(job: &mut Option<Job>) -> Done {
             reason: truncated(&format!("the job stopped: {e}")),
         })],
     };
-    Done { events }
+    tail.extend(events);
+    Done { events: tail }
 }
 
 pub fn cancel(job: &Option<Job>, id: &JobId) -> Result<()> {
@@ -142,13 +185,24 @@ fn finished(totals: JobTotals) -> EventBody {
     })
 }
 
+fn level_of(line: &str) -> Level {
+    if line.starts_with("error") {
+        Level::Error
+    } else if line.starts_with("warning") {
+        Level::Warn
+    } else {
+        Level::Info
+    }
+}
+
 fn run_backup(
     cfg: &Config,
     repo: &Repo,
     cancel: Arc<AtomicBool>,
+    progress: Progress,
 ) -> Result<Vec<EventBody>, String> {
     let opts = backup::Options {
-        progress: Progress::new(false, "backup"),
+        progress,
         rehash: false,
         cancel: Some(cancel),
     };
@@ -188,4 +242,72 @@ fn run_verify(cfg: &Config, repo: &Repo) -> Result<Vec<EventBody>, String> {
         j.kind = JobKind::Verify;
     }
     Ok(vec![done])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(tally: Arc<Tally>) -> Job {
+        Job {
+            id: JobId([1; 16]),
+            kind: JobKind::Backup,
+            command: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+            handle: tokio::task::spawn_blocking(|| Ok(Vec::new())),
+            started: Instant::now(),
+            tally,
+            reported: None,
+        }
+    }
+
+    fn progress(e: &EventBody) -> Option<(u64, u64, Option<u64>)> {
+        match e {
+            EventBody::Job(JobEvent {
+                state:
+                    JobState::Progress {
+                        files,
+                        bytes,
+                        total_bytes,
+                    },
+                ..
+            }) => Some((*files, *bytes, *total_bytes)),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_report_carries_moved_counts_and_new_lines_once() {
+        let tally = Arc::new(Tally::new(2));
+        let p = Progress::tallied("backup", tally.clone());
+        let mut j = job(tally);
+        p.set_total(10);
+        p.add_file();
+        p.add_bytes(4);
+        for l in ["warning: skipped /a: denied", "note: b", "c"] {
+            p.warn(l);
+        }
+        let first = j.report();
+        assert_eq!(progress(&first[0]), Some((1, 4, Some(10))));
+        let lines: Vec<_> = first[1..]
+            .iter()
+            .map(|e| match e {
+                EventBody::Log { level, line, .. } => (*level, line.as_str().to_string()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                (Level::Warn, "warning: skipped /a: denied".to_string()),
+                (Level::Info, "note: b".to_string()),
+                (Level::Warn, "1 more lines not sent".to_string()),
+            ]
+        );
+        assert!(j.report().is_empty(), "nothing moved, nothing sent");
+        p.add_bytes(1);
+        let again = j.report();
+        assert_eq!(again.len(), 1);
+        assert_eq!(progress(&again[0]), Some((1, 5, Some(10))));
+    }
 }

@@ -31,6 +31,8 @@ use self::link::{Link, News};
 
 /// Events kept for the controller at most; past it progress and log lines go first.
 const OUTBOX_CAP: u64 = 10_000;
+/// How often a running job reports its progress (at most the heartbeat interval).
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// An unacknowledged batch is sent again after this long.
 const RESEND_AFTER: Duration = Duration::from_secs(20);
 const POLICY_KEY: &str = "policy";
@@ -142,6 +144,8 @@ impl Daemon {
         ));
         let mut heartbeat = tokio::time::interval(self.cfg.heartbeat_interval);
         let mut flush = tokio::time::interval(Duration::from_secs(1));
+        let mut report = tokio::time::interval(PROGRESS_EVERY.min(self.cfg.heartbeat_interval));
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stop = std::pin::pin!(shutdown());
         eprintln!("vaultik: agent {} running", self.identity.agent);
         loop {
@@ -155,6 +159,7 @@ impl Daemon {
                 }
                 done = jobs::wait(&mut self.job) => self.finish_job(done)?,
                 _ = heartbeat.tick() => self.heartbeat()?,
+                _ = report.tick(), if self.job.is_some() => self.report()?,
                 _ = flush.tick() => self.flush()?,
                 _ = &mut stop => break,
             }
@@ -366,10 +371,21 @@ impl Daemon {
 
     fn finish_job(&mut self, done: jobs::Done) -> Result<()> {
         self.job = None;
-        for event in done.events {
-            self.push(&event)?;
+        self.push_all(&done.events)
+    }
+
+    /// The running job's progress and warning lines since the last report.
+    fn report(&mut self) -> Result<()> {
+        let events = self.job.as_mut().map(|j| j.report()).unwrap_or_default();
+        self.push_all(&events)
+    }
+
+    fn push_all(&mut self, events: &[EventBody]) -> Result<()> {
+        let now = ms(SystemTime::now());
+        for event in events {
+            self.outbox.push(now, event)?;
         }
-        Ok(())
+        self.flush()
     }
 
     /// Says "offline" on the way out, so the controller need not wait for a timeout.
