@@ -20,5 +20,6 @@ pub mod scan;
 pub mod snapshot;
 pub mod store;
 pub mod verify;
+pub mod watch;
 
 pub use error::Error;

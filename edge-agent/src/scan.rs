@@ -181,50 +181,62 @@ pub fn walk<E>(
                 Err(e) => warn(anc, e),
             }
         }
-        // A stack of sorted-descending name lists, one per open directory.
-        let mut stack: Vec<(PathBuf, Vec<OsString>)> = Vec::new();
-        let mut pending = Some(root.clone());
-        loop {
-            if let Some(path) = pending.take() {
-                if path != root && excludes.is_excluded(&path) {
-                    // excluded: neither visited nor descended
-                } else {
-                    match std::fs::symlink_metadata(&path) {
-                        Ok(meta) => {
-                            let is_dir = meta.is_dir();
-                            let descend = matches!(
-                                visit(Entry {
-                                    path: path.clone(),
-                                    meta
-                                })?,
-                                Visit::Continue
-                            );
-                            if is_dir && descend {
-                                match read_sorted(&path) {
-                                    Ok(names) => stack.push((path, names)),
-                                    Err(e) => warn(&path, e),
-                                }
+        walk_tree(&root, excludes, &mut visit, &mut warn)?;
+    }
+    Ok(())
+}
+
+/// Walks `root` and everything below it (not its ancestors), depth-first in byte order.
+pub fn walk_tree<E>(
+    root: &Path,
+    excludes: &Excludes,
+    visit: &mut impl FnMut(Entry) -> Result<Visit, E>,
+    warn: &mut impl FnMut(&Path, std::io::Error),
+) -> Result<(), E> {
+    // A stack of sorted-descending name lists, one per open directory.
+    let mut stack: Vec<(PathBuf, Vec<OsString>)> = Vec::new();
+    let mut pending = Some(root.to_path_buf());
+    loop {
+        if let Some(path) = pending.take() {
+            if path != root && excludes.is_excluded(&path) {
+                // excluded: neither visited nor descended
+            } else {
+                match std::fs::symlink_metadata(&path) {
+                    Ok(meta) => {
+                        let is_dir = meta.is_dir();
+                        let descend = matches!(
+                            visit(Entry {
+                                path: path.clone(),
+                                meta
+                            })?,
+                            Visit::Continue
+                        );
+                        if is_dir && descend {
+                            match read_sorted(&path) {
+                                Ok(names) => stack.push((path, names)),
+                                Err(e) => warn(&path, e),
                             }
                         }
-                        Err(e) => warn(&path, e),
                     }
+                    Err(e) => warn(&path, e),
                 }
             }
-            let Some((dir, names)) = stack.last_mut() else {
-                break;
-            };
-            match names.pop() {
-                Some(name) => pending = Some(dir.join(name)),
-                None => {
-                    stack.pop();
-                }
+        }
+        let Some((dir, names)) = stack.last_mut() else {
+            break;
+        };
+        match names.pop() {
+            Some(name) => pending = Some(dir.join(name)),
+            None => {
+                stack.pop();
             }
         }
     }
     Ok(())
 }
 
-fn read_sorted(dir: &Path) -> std::io::Result<Vec<OsString>> {
+/// The names in `dir`, sorted descending (pop from the end for byte order).
+pub fn read_sorted(dir: &Path) -> std::io::Result<Vec<OsString>> {
     let mut names = std::fs::read_dir(dir)?
         .map(|e| e.map(|e| e.file_name()))
         .collect::<Result<Vec<_>, _>>()?;

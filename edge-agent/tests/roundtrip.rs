@@ -321,6 +321,8 @@ fn backup_writes_no_temp_file_and_no_plaintext() {
         assert!(
             [
                 "index.sqlite",
+                // The newest snapshot's metadata (names, stat data, chunk ids).
+                "index.sqlite-prev",
                 "index.sqlite-wal",
                 "index.sqlite-shm",
                 "index.sqlite.lock"

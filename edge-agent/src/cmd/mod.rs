@@ -3,11 +3,12 @@
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use edge_agent::backup;
+use edge_agent::backup::{self, Scope};
 use edge_agent::config::{Config, Destination, S3Target};
 use edge_agent::crypt::{Identities, keygen};
 use edge_agent::progress::{self, Progress};
@@ -15,6 +16,7 @@ use edge_agent::restore::{self, Selection};
 use edge_agent::store::retry::{DEFAULT_RETRY_FOR, Notice, RetryNotices};
 use edge_agent::store::{self, OpenOptions, Repo, StoreError};
 use edge_agent::verify::{self, ReadData};
+use edge_agent::{scan, watch};
 
 mod agent;
 pub mod args;
@@ -108,7 +110,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             if daemon {
                 return daemon_loop(&side.cfg, &side.repo, rehash);
             }
-            backup_once(&side.cfg, &side.repo, !cron, rehash)
+            backup_once(&side.cfg, &side.repo, !cron, rehash, Scope::Everything)
         }
         Cmd::Enroll {
             controller,
@@ -312,7 +314,13 @@ fn write_key(path: &Path, text: &str) -> Result<()> {
         .with_context(|| format!("writing key file {}", path.display()))
 }
 
-fn backup_once(cfg: &Config, repo: &Repo, show: bool, rehash: bool) -> Result<ExitCode> {
+fn backup_once(
+    cfg: &Config,
+    repo: &Repo,
+    show: bool,
+    rehash: bool,
+    scope: Scope,
+) -> Result<ExitCode> {
     let progress = Progress::new(show, "backup");
     let out = backup::run(
         cfg,
@@ -321,8 +329,12 @@ fn backup_once(cfg: &Config, repo: &Repo, show: bool, rehash: bool) -> Result<Ex
             progress,
             rehash,
             cancel: None,
+            scope,
         },
     )?;
+    if let Some(n) = out.rescanned {
+        eprintln!("vaultik: partial scan: {n} changed directories listed");
+    }
     if show {
         eprintln!(
             "{}",
@@ -345,12 +357,37 @@ fn backup_once(cfg: &Config, repo: &Repo, show: bool, rehash: bool) -> Result<Ex
 fn daemon_loop(cfg: &Config, repo: &Repo, rehash: bool) -> Result<ExitCode> {
     let every = cfg.backup_interval.unwrap_or(Duration::from_secs(3600));
     let min_gap = cfg.min_time_between_run.unwrap_or(Duration::ZERO);
+    let (log, _watcher) = watch_sources(cfg);
     loop {
         let started = Instant::now();
-        if let Err(e) = backup_once(cfg, repo, false, rehash) {
+        let scope = watch::take(&log);
+        if let Err(e) = backup_once(cfg, repo, false, rehash, scope.clone()) {
+            watch::give_back(&log, scope);
             eprintln!("vaultik: backup failed: {}", one_line(&e));
         }
         std::thread::sleep(every.max(min_gap).saturating_sub(started.elapsed()));
+    }
+}
+
+/// Directories a change log may hold before the next run scans everything instead.
+const WATCHED_DIRS_MAX: usize = 20_000;
+
+/// Starts watching the config's sources. Without a watcher (inotify limits, a
+/// source that is not there) every run scans everything, as it says once.
+pub(crate) fn watch_sources(cfg: &Config) -> (watch::SharedLog, Option<watch::Watcher>) {
+    let log = Arc::new(Mutex::new(watch::ChangeLog::new(WATCHED_DIRS_MAX)));
+    let roots = match scan::resolve_roots(&cfg.source_dirs) {
+        Ok(r) => r.paths,
+        Err(_) => return (log, None),
+    };
+    match watch::Watcher::start(&roots, log.clone()) {
+        Ok(w) => (log, Some(w)),
+        Err(e) => {
+            eprintln!(
+                "vaultik: not watching the sources for changes ({e}); every backup scans everything"
+            );
+            (log, None)
+        }
     }
 }
 

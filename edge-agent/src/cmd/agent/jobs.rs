@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use edge_agent::backup;
+use edge_agent::backup::{self, Scope};
 use edge_agent::config::Config;
 use edge_agent::progress::{Counts, Progress, Tally};
 use edge_agent::store::Repo;
@@ -34,11 +34,14 @@ pub struct Job {
     started: Instant,
     tally: Arc<Tally>,
     reported: Option<Counts>,
+    scope: Scope,
 }
 
 /// A finished job's events, in order.
 pub struct Done {
     pub events: Vec<EventBody>,
+    /// What a backup that did not finish was to look at.
+    pub unfinished: Option<Scope>,
 }
 
 /// The config a policy makes of `cfg`.
@@ -61,13 +64,15 @@ impl Job {
         command: Option<CommandId>,
         cfg: Arc<Config>,
         repo: Arc<Repo>,
+        scope: Scope,
     ) -> Self {
         let cancel = Arc::new(AtomicBool::new(false));
         let flag = cancel.clone();
         let tally = Arc::new(Tally::new(LINES_PER_REPORT));
         let progress = Progress::tallied("backup", tally.clone());
+        let run_scope = scope.clone();
         let handle = tokio::task::spawn_blocking(move || match kind {
-            JobKindArg::Backup => run_backup(&cfg, &repo, flag, progress),
+            JobKindArg::Backup => run_backup(&cfg, &repo, flag, progress, run_scope),
             JobKindArg::Verify => run_verify(&cfg, &repo),
         });
         Job {
@@ -82,6 +87,7 @@ impl Job {
             started: Instant::now(),
             tally,
             reported: None,
+            scope,
         }
     }
 
@@ -133,6 +139,7 @@ pub async fn wait(job: &mut Option<Job>) -> Done {
         return std::future::pending().await;
     };
     let result = (&mut j.handle).await;
+    let finished = matches!(&result, Ok(Ok(_)));
     // The lines of the job's last moments; its counts are in the final event.
     let mut tail = j.report();
     tail.retain(|e| matches!(e, EventBody::Log { .. }));
@@ -142,6 +149,9 @@ pub async fn wait(job: &mut Option<Job>) -> Done {
         Ok(Ok(mut events)) if !state(&events) => {
             // The engine's events carry the totals; the job id and duration are ours.
             for e in &mut events {
+                if let EventBody::Log { job, .. } = e {
+                    *job = j.id;
+                }
                 if let EventBody::Job(je) = e {
                     je.job = j.id;
                     je.command = j.command;
@@ -163,7 +173,10 @@ pub async fn wait(job: &mut Option<Job>) -> Done {
         })],
     };
     tail.extend(events);
-    Done { events: tail }
+    Done {
+        events: tail,
+        unfinished: (!finished).then(|| j.scope.clone()),
+    }
 }
 
 pub fn cancel(job: &Option<Job>, id: &JobId) -> Result<()> {
@@ -200,13 +213,23 @@ fn run_backup(
     repo: &Repo,
     cancel: Arc<AtomicBool>,
     progress: Progress,
+    scope: Scope,
 ) -> Result<Vec<EventBody>, String> {
     let opts = backup::Options {
         progress,
         rehash: false,
         cancel: Some(cancel),
+        scope,
     };
     let out = backup::run(cfg, repo, opts).map_err(|e| e.to_string())?;
+    let mut events = Vec::new();
+    if let Some(n) = out.rescanned {
+        events.push(EventBody::Log {
+            job: JobId([0; 16]),
+            level: Level::Info,
+            line: truncated(&format!("partial scan: {n} changed directories listed")),
+        });
+    }
     let id: [u8; 16] = out.snapshot.0;
     let s = &out.summary;
     let totals = JobTotals {
@@ -227,7 +250,8 @@ fn run_backup(
         files: s.files,
         bytes: s.bytes,
     };
-    Ok(vec![EventBody::Snapshot(record), finished(totals)])
+    events.extend([EventBody::Snapshot(record), finished(totals)]);
+    Ok(events)
 }
 
 fn run_verify(cfg: &Config, repo: &Repo) -> Result<Vec<EventBody>, String> {
@@ -258,6 +282,7 @@ mod tests {
             started: Instant::now(),
             tally,
             reported: None,
+            scope: Scope::Everything,
         }
     }
 

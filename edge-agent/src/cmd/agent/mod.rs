@@ -13,12 +13,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
+use edge_agent::backup::Scope;
 use edge_agent::config::Config;
 use edge_agent::fleet::identity::Identity;
 use edge_agent::fleet::metrics::Sampler;
 use edge_agent::fleet::schedule::{Schedule, next_due};
 use edge_agent::outbox::Outbox;
 use edge_agent::store::Repo;
+use edge_agent::watch;
 use rumqttc::QoS;
 use tokio::sync::mpsc;
 use wire::message::{
@@ -64,6 +66,9 @@ struct Daemon {
     connected: bool,
     inflight: Option<Instant>,
     renewal_asked: Option<Instant>,
+    /// Directories changed since the last backup started, and what watches them.
+    changes: watch::SharedLog,
+    _watcher: Option<watch::Watcher>,
 }
 
 fn ms(t: SystemTime) -> i64 {
@@ -101,6 +106,8 @@ impl Daemon {
             connected: false,
             inflight: None,
             renewal_asked: None,
+            changes: Arc::new(std::sync::Mutex::new(watch::ChangeLog::new(0))),
+            _watcher: None,
         };
         d.adopt(policy);
         Ok(d)
@@ -116,6 +123,10 @@ impl Daemon {
                 .and_then(|d| Schedule::every(d).ok()),
         };
         self.policy = policy;
+        // The sources may have changed: watch them afresh (the next run scans all).
+        self._watcher = None;
+        let cfg = self.job_config().unwrap_or_else(|_| self.cfg.clone());
+        (self.changes, self._watcher) = crate::cmd::watch_sources(&cfg);
     }
 
     fn min_gap(&self) -> Duration {
@@ -353,24 +364,34 @@ impl Daemon {
         if let Some(j) = &self.job {
             anyhow::bail!("job {} is still running", j.id);
         }
-        let cfg = match &self.policy {
-            Some(p) => Arc::new(jobs::effective_config(&self.cfg, p)?),
-            None => self.cfg.clone(),
-        };
+        let cfg = self.job_config()?;
+        let mut scope = Scope::Everything;
         if matches!(kind, JobKindArg::Backup) {
+            scope = watch::take(&self.changes);
             let now = SystemTime::now();
             self.last_start = Some(now);
             self.outbox
                 .set_setting(LAST_START_KEY, &ms(now).to_le_bytes())?;
         }
-        let job = Job::start(kind, command, cfg, self.repo.clone());
+        let job = Job::start(kind, command, cfg, self.repo.clone(), scope);
         self.push(&job.started())?;
         self.job = Some(job);
         Ok(())
     }
 
+    /// The config jobs run under: the agent's, as the policy amends it.
+    fn job_config(&self) -> Result<Arc<Config>> {
+        Ok(match &self.policy {
+            Some(p) => Arc::new(jobs::effective_config(&self.cfg, p)?),
+            None => self.cfg.clone(),
+        })
+    }
+
     fn finish_job(&mut self, done: jobs::Done) -> Result<()> {
         self.job = None;
+        if let Some(scope) = done.unfinished {
+            watch::give_back(&self.changes, scope);
+        }
         self.push_all(&done.events)
     }
 

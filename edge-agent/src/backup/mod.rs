@@ -8,6 +8,11 @@
 //! Every queue is bounded, so memory is a few chunks plus a few multipart parts whatever
 //! the size of the tree. Nothing is written to disk but the index and run databases.
 
+mod partial;
+
+use partial::PartialWalk;
+pub use partial::Scope;
+
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -24,7 +29,7 @@ use crate::chunk::{ChunkHasher, ChunkId, chunks};
 use crate::config::Config;
 use crate::crypt::{Counted, Recipients};
 use crate::error::{Error, Result};
-use crate::index::{BlobDone, FileStat, Index, NewNode};
+use crate::index::{BlobDone, CarryKey, FileStat, Index, NewNode, RunTotals};
 use crate::pack::{BLOB_MAGIC, BlobId, BlobLayout};
 use crate::progress::Progress;
 use crate::scan::{Entry, Excludes, Visit, relative_bytes, resolve_roots, walk};
@@ -44,6 +49,9 @@ pub struct Options {
     /// Set from another thread to stop the backup at the next file; the run then
     /// ends as a crash would, and the next one continues from it.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// What to look at; a partial scope is used only when the previous snapshot's
+    /// metadata is at hand and no full scan is due.
+    pub scope: Scope,
 }
 
 /// What a finished backup reports.
@@ -57,6 +65,8 @@ pub struct Outcome {
     /// The snapshot's time and host, as its manifest has them.
     pub time_unix_ns: i64,
     pub hostname: String,
+    /// How many changed directories a partial scan listed; `None` after a full scan.
+    pub rescanned: Option<usize>,
 }
 
 /// A second walk of the tree, stat only, that adds up the bytes the backup will read
@@ -209,26 +219,49 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         rehash,
         last_commit: Instant::now(),
     };
+    let sources: Vec<String> = roots
+        .paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let source_json = serde_json::to_string(&sources).unwrap_or_default();
+    let exclude_json = serde_json::to_string(&config.exclude).unwrap_or_default();
+    let changed = match &opts.scope {
+        Scope::Changed(dirs) if !rehash => {
+            let key = CarryKey {
+                format: &METADATA_FORMAT.to_string(),
+                source_dirs: &source_json,
+                excludes: &exclude_json,
+            };
+            index.carry_previous(&key)?.then_some(dirs)
+        }
+        _ => None,
+    };
     let mut walk_skipped = Vec::new();
-    let walked = walk(
-        &roots.paths,
-        &excludes,
-        |e| {
-            if opts
-                .cancel
-                .as_ref()
-                .is_some_and(|c| c.load(Ordering::Relaxed))
-            {
-                return Err(Error::Cancelled);
-            }
-            scan.visit(e)
+    let mut visit = |e| {
+        if opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            return Err(Error::Cancelled);
+        }
+        scan.visit(e)
+    };
+    let mut warn = |path: &Path, err| {
+        let line = format!("warning: skipped {}: {err}", path.display());
+        opts.progress.warn(&line);
+        walk_skipped.push(line);
+    };
+    let (walked, rescanned) = match changed {
+        Some(dirs) => match PartialWalk::new(&index, &excludes, &mut visit, &mut warn)
+            .run(&roots.paths, dirs)
+        {
+            Ok(n) => (Ok(()), Some(n)),
+            Err(e) => (Err(e), None),
         },
-        |path, err| {
-            let line = format!("warning: skipped {}: {err}", path.display());
-            opts.progress.warn(&line);
-            walk_skipped.push(line);
-        },
-    );
+        None => (walk(&roots.paths, &excludes, visit, warn), None),
+    };
     drop(ahead);
     // Closing the chunk queue lets the workers and then the packer drain and stop.
     let flushed = scan.flush();
@@ -255,6 +288,9 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         )));
     }
     let mut summary = scan.summary;
+    if rescanned.is_some() {
+        carried_totals(&mut summary, &index.run_totals()?);
+    }
     let mut skipped = walk_skipped;
     skipped.extend(scan.skipped);
     summary.skipped = skipped.len() as u64;
@@ -266,20 +302,13 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i64);
     let hostname = config.hostname.clone().unwrap_or_else(hostname);
-    let sources: Vec<String> = roots
-        .paths
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
     let run_db = index.finish_run(&[
         ("format", METADATA_FORMAT.to_string()),
         ("snapshot_id", id.to_string()),
         ("hostname", hostname.clone()),
         ("time_unix_ns", time_unix_ns.to_string()),
-        (
-            "source_dirs",
-            serde_json::to_string(&sources).unwrap_or_default(),
-        ),
+        ("source_dirs", source_json),
+        ("excludes", exclude_json),
         ("chunk_hash", "blake3-keyed".into()),
         ("chunk_key", hex::encode(hasher.key())),
         ("tool", format!("vaultik {}", env!("CARGO_PKG_VERSION"))),
@@ -319,7 +348,21 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         skipped,
         time_unix_ns,
         hostname,
+        rescanned,
     })
+}
+
+/// After a partial scan the counts cover the whole snapshot, carried entries too.
+fn carried_totals(s: &mut Summary, t: &RunTotals) {
+    s.files = t.files;
+    s.files_unmodified = t
+        .files
+        .saturating_sub(s.files_new)
+        .saturating_sub(s.files_changed);
+    s.dirs = t.dirs;
+    s.symlinks = t.symlinks;
+    s.hardlinks = t.hardlinks;
+    s.bytes = t.bytes;
 }
 
 fn hostname() -> String {

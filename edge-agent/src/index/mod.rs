@@ -6,6 +6,9 @@
 //! Dedup is only against chunks of the agent's own newest completed snapshot and of the
 //! run in progress: those blobs are never pruned (docs/FORMAT.md, "Prune safety").
 
+mod carry;
+pub use carry::{CarryKey, RunTotals};
+
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -92,6 +95,8 @@ pub struct Index {
     conn: Connection,
     path: PathBuf,
     run_path: PathBuf,
+    /// The newest snapshot's metadata database, kept for partial scans (`carry`).
+    prev_path: PathBuf,
     /// Blobs of interrupted runs uploaded before this time are not reused.
     salvage_cutoff_ns: i64,
     /// Things the user should hear about once (a damaged index, a recovered run).
@@ -212,6 +217,7 @@ impl Index {
             conn,
             path: path.to_path_buf(),
             run_path: beside(path, "-run"),
+            prev_path: beside(path, "-prev"),
             salvage_cutoff_ns: 0,
             notices,
             _lock: Some(lock),
@@ -226,6 +232,7 @@ impl Index {
             conn,
             path: path.to_path_buf(),
             run_path: beside(path, "-run"),
+            prev_path: beside(path, "-prev"),
             salvage_cutoff_ns: 0,
             notices: Vec::new(),
             _lock: None,
@@ -329,6 +336,7 @@ impl Index {
                      DELETE FROM blobs; DELETE FROM settings WHERE key = 'pending_manifest'; COMMIT;",
                 )
                 .map_err(self.e())?;
+            self.forget_previous()?;
             self.notices.push(format!(
                 "warning: the previous backup stopped while committing snapshot {id}; this backup reads and uploads everything again, except blobs uploaded in the last 6 hours"
             ));
@@ -584,7 +592,8 @@ impl Index {
         self.conn
             .execute_batch(
                 "INSERT OR IGNORE INTO run.chunks
-                     SELECT * FROM main.chunks WHERE id IN (SELECT chunk_id FROM run.file_chunks);
+                     SELECT * FROM main.chunks WHERE id IN (SELECT chunk_id FROM run.file_chunks)
+                         OR id IN (SELECT chunk_id FROM run.xattrs WHERE chunk_id IS NOT NULL);
                  DELETE FROM run.chunks WHERE id NOT IN (SELECT chunk_id FROM run.file_chunks)
                      AND id NOT IN (SELECT chunk_id FROM run.xattrs WHERE chunk_id IS NOT NULL);
                  INSERT OR IGNORE INTO run.blobs
@@ -654,8 +663,8 @@ impl Index {
         self.conn
             .execute_batch("COMMIT; DETACH DATABASE run")
             .map_err(&e)?;
-        std::fs::remove_file(&self.run_path)
-            .map_err(|err| Error::io("removing run database", &self.run_path, err))
+        std::fs::rename(&self.run_path, &self.prev_path)
+            .map_err(|err| Error::io("keeping the run database", &self.run_path, err))
     }
 
     /// Blobs referenced by the newest completed snapshot, with their sizes.

@@ -1,0 +1,234 @@
+//! A partial scan: the run starts as the previous snapshot (`Index::carry_previous`)
+//! and only the directories a watcher saw change are listed and stat'ed again. A new
+//! directory found in one of them is walked in full; one that is gone takes its
+//! subtree with it.
+
+use std::collections::BTreeSet;
+use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::Result;
+use crate::index::Index;
+use crate::scan::{
+    Entry, Excludes, Visit, normalize_roots, read_sorted, relative_bytes, walk_tree,
+};
+
+/// What a backup looks at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every entry under the sources.
+    Everything,
+    /// Only these directories changed since the newest snapshot started: every other
+    /// entry is carried over from it.
+    Changed(BTreeSet<PathBuf>),
+}
+
+type Visitor<'v> = dyn FnMut(Entry) -> Result<Visit> + 'v;
+type Warner<'v> = dyn FnMut(&Path, std::io::Error) + 'v;
+
+pub(super) struct PartialWalk<'a, 'v> {
+    pub index: &'a Index,
+    pub excludes: &'a Excludes,
+    pub visit: &'a mut Visitor<'v>,
+    pub warn: &'a mut Warner<'v>,
+    /// Directories walked in full here; changed directories below them are done.
+    walked: Vec<PathBuf>,
+    /// Files to read again at the end (hard links whose other names moved or changed).
+    again: BTreeSet<Vec<u8>>,
+}
+
+impl<'a, 'v> PartialWalk<'a, 'v> {
+    pub fn new(
+        index: &'a Index,
+        excludes: &'a Excludes,
+        visit: &'a mut Visitor<'v>,
+        warn: &'a mut Warner<'v>,
+    ) -> Self {
+        PartialWalk {
+            index,
+            excludes,
+            visit,
+            warn,
+            walked: Vec::new(),
+            again: BTreeSet::new(),
+        }
+    }
+
+    /// Rescans `changed` under `roots`; returns how many directories were listed.
+    pub fn run(mut self, roots: &[PathBuf], changed: &BTreeSet<PathBuf>) -> Result<usize> {
+        let roots = normalize_roots(roots);
+        for root in &roots {
+            self.restat_root(root)?;
+        }
+        let mut listed = 0;
+        // Byte order puts a directory before everything below it.
+        for dir in changed {
+            if self.wanted(&roots, dir)? {
+                self.rescan(dir, roots.contains(dir))?;
+                listed += 1;
+            }
+        }
+        self.again.extend(self.index.dangling_hardlinks()?);
+        for rel in std::mem::take(&mut self.again) {
+            self.read_again(&rel)?;
+        }
+        Ok(listed)
+    }
+
+    /// Visits an entry of an unchanged directory again, unless it is gone with it.
+    fn read_again(&mut self, rel: &[u8]) -> Result<()> {
+        self.index.remove_path(rel)?;
+        let abs = absolute(rel);
+        let parent = abs.parent().map(relative_bytes).unwrap_or_default();
+        if self.index.run_kind(parent)?.as_deref() != Some("dir") {
+            return Ok(());
+        }
+        match std::fs::symlink_metadata(&abs) {
+            Ok(meta) => (self.visit)(Entry { path: abs, meta }).map(|_| ()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => {
+                (self.warn)(&abs, e);
+                Ok(())
+            }
+        }
+    }
+
+    /// A root and its ancestors are stat'ed on every run, as a full walk does.
+    fn restat_root(&mut self, root: &Path) -> Result<()> {
+        let mut chain: Vec<&Path> = root
+            .ancestors()
+            .filter(|a| a.as_os_str().len() > 1)
+            .collect();
+        chain.reverse();
+        for p in chain {
+            self.index.remove_path(relative_bytes(p))?;
+            self.restat(p)?;
+        }
+        Ok(())
+    }
+
+    /// Visits `path` alone, if it can still be stat'ed.
+    fn restat(&mut self, path: &Path) -> Result<()> {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) => (self.visit)(Entry {
+                path: path.to_path_buf(),
+                meta,
+            })
+            .map(|_| ()),
+            Err(e) => {
+                (self.warn)(path, e);
+                Ok(())
+            }
+        }
+    }
+
+    /// A changed directory is rescanned when it is in a source, not excluded, not
+    /// already walked, and its parent is (still) a directory of the run.
+    fn wanted(&self, roots: &[PathBuf], dir: &Path) -> Result<bool> {
+        let Some(root) = roots.iter().find(|r| dir.starts_with(r)) else {
+            return Ok(false);
+        };
+        if self.walked.iter().any(|w| dir.starts_with(w))
+            || dir
+                .ancestors()
+                .take_while(|a| a != root)
+                .any(|a| self.excludes.is_excluded(a))
+        {
+            return Ok(false);
+        }
+        if dir == root {
+            return Ok(true);
+        }
+        let parent = dir.parent().map(relative_bytes).unwrap_or_default();
+        Ok(self.index.run_kind(parent)?.as_deref() == Some("dir"))
+    }
+
+    /// Lists `dir` again: its own entry, and each entry in it. Entries that are gone
+    /// leave with their subtrees.
+    fn rescan(&mut self, dir: &Path, is_root: bool) -> Result<()> {
+        let rel = relative_bytes(dir).to_vec();
+        let before: HashMap<Vec<u8>, String> = self.index.run_children(&rel)?.into_iter().collect();
+        match std::fs::symlink_metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            // Gone, or no longer a directory: its parent's rescan deals with it.
+            _ => return Ok(()),
+        }
+        if !is_root {
+            self.index.remove_path(&rel)?;
+            self.restat(dir)?;
+        }
+        let names = match read_sorted(dir) {
+            Ok(n) => n,
+            Err(e) => {
+                (self.warn)(dir, e);
+                return Ok(());
+            }
+        };
+        let now: BTreeSet<Vec<u8>> = names
+            .iter()
+            .map(|n| relative_bytes(&dir.join(n)).to_vec())
+            .collect();
+        for gone in before.keys().filter(|p| !now.contains(*p)) {
+            self.index.remove_subtree(gone)?;
+        }
+        for path in now {
+            self.entry(
+                &absolute(&path),
+                &path,
+                before.get(&path).map(String::as_str),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// One entry of a rescanned directory; `was` is its kind in the run so far.
+    fn entry(&mut self, abs: &Path, rel: &[u8], was: Option<&str>) -> Result<()> {
+        if self.excludes.is_excluded(abs) {
+            return self.index.remove_subtree(rel);
+        }
+        let meta = match std::fs::symlink_metadata(abs) {
+            Ok(m) => m,
+            Err(e) => {
+                (self.warn)(abs, e);
+                return self.index.remove_subtree(rel);
+            }
+        };
+        if meta.is_dir() && was == Some("dir") {
+            // Its own entries are carried over unless it changed too.
+            self.index.remove_path(rel)?;
+            return (self.visit)(Entry {
+                path: abs.to_path_buf(),
+                meta,
+            })
+            .map(|_| ());
+        }
+        self.index.remove_subtree(rel)?;
+        if meta.is_dir() {
+            self.walked.push(abs.to_path_buf());
+            return walk_tree(
+                abs,
+                self.excludes,
+                &mut &mut *self.visit,
+                &mut &mut *self.warn,
+            );
+        }
+        if meta.is_file() && meta.nlink() > 1 {
+            // Another name of this inode may be carried over with stale content.
+            for other in self.index.take_inode_files(meta.dev(), meta.ino())? {
+                self.again.insert(other);
+            }
+        }
+        (self.visit)(Entry {
+            path: abs.to_path_buf(),
+            meta,
+        })
+        .map(|_| ())
+    }
+}
+
+/// The path a stored (relative) path names.
+fn absolute(rel: &[u8]) -> PathBuf {
+    PathBuf::from(std::ffi::OsStr::from_bytes(&[b"/", rel].concat()))
+}

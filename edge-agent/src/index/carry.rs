@@ -1,0 +1,247 @@
+//! Partial scans: the run starts as a copy of the newest snapshot's metadata (kept
+//! beside the index as `<index>-prev`), and the backup replaces only the entries of
+//! the directories that changed.
+
+use rusqlite::{OptionalExtension, params};
+
+use super::Index;
+use crate::error::{Error, Result};
+
+/// What the carried-over snapshot must share with this run for its entries to stand.
+pub struct CarryKey<'a> {
+    pub format: &'a str,
+    pub source_dirs: &'a str,
+    pub excludes: &'a str,
+}
+
+/// Entries of the run by kind, and the bytes of its regular files.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RunTotals {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub hardlinks: u64,
+    pub bytes: u64,
+}
+
+/// The bounds of the paths strictly below `dir` (`""` is the filesystem root).
+fn below(dir: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
+    if dir.is_empty() {
+        return (Vec::new(), None);
+    }
+    let mut lo = dir.to_vec();
+    lo.push(b'/');
+    let mut hi = dir.to_vec();
+    hi.push(b'/' + 1);
+    (lo, Some(hi))
+}
+
+impl Index {
+    /// Drops the kept metadata of the newest snapshot: it no longer matches the index.
+    pub(super) fn forget_previous(&self) -> Result<()> {
+        match std::fs::remove_file(&self.prev_path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("removing", &self.prev_path, e)),
+        }
+    }
+
+    /// Fills the run (just begun) with every entry of the newest snapshot, when its
+    /// kept metadata is that snapshot's and was made from the same sources and
+    /// excludes. False, and the run stays empty, otherwise.
+    pub fn carry_previous(&self, key: &CarryKey<'_>) -> Result<bool> {
+        if !self.prev_path.exists() {
+            return Ok(false);
+        }
+        let prev = self.prev_path.to_string_lossy().into_owned();
+        self.conn
+            .execute_batch("COMMIT")
+            .and_then(|_| self.conn.execute("ATTACH DATABASE ?1 AS prev", [prev]))
+            .map_err(self.e())?;
+        let carried = self.copy_previous(key);
+        let closed = self
+            .conn
+            .execute_batch(if matches!(carried, Ok(true)) {
+                "COMMIT; DETACH DATABASE prev; BEGIN"
+            } else {
+                "ROLLBACK; DETACH DATABASE prev; BEGIN"
+            })
+            .map_err(self.e());
+        // A damaged copy only costs a full scan.
+        let carried = carried.unwrap_or(false);
+        closed?;
+        Ok(carried)
+    }
+
+    fn copy_previous(&self, key: &CarryKey<'_>) -> Result<bool> {
+        self.conn.execute_batch("BEGIN").map_err(self.e())?;
+        let meta = |k: &str| -> Result<Option<String>> {
+            self.conn
+                .query_row("SELECT value FROM prev.meta WHERE key = ?1", [k], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(self.e())
+        };
+        let newest: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT id FROM main.snapshots ORDER BY time_unix_ns DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.e())?;
+        let same = newest.is_some()
+            && meta("snapshot_id")? == newest
+            && meta("format")?.as_deref() == Some(key.format)
+            && meta("source_dirs")?.as_deref() == Some(key.source_dirs)
+            && meta("excludes")?.as_deref() == Some(key.excludes);
+        if !same {
+            return Ok(false);
+        }
+        self.conn
+            .execute_batch(
+                "INSERT INTO run.nodes SELECT * FROM prev.nodes;
+                 INSERT INTO run.file_chunks SELECT * FROM prev.file_chunks;
+                 INSERT INTO run.xattrs SELECT * FROM prev.xattrs;",
+            )
+            .map_err(self.e())?;
+        Ok(true)
+    }
+
+    /// The kind of the run's entry at `path`, if there is one.
+    pub fn run_kind(&self, path: &[u8]) -> Result<Option<String>> {
+        self.conn
+            .prepare_cached("SELECT kind FROM run.nodes WHERE path = ?1")
+            .and_then(|mut s| s.query_row([path], |r| r.get(0)).optional())
+            .map_err(self.e())
+    }
+
+    /// The run's entries directly in `dir`: (path, kind).
+    pub fn run_children(&self, dir: &[u8]) -> Result<Vec<(Vec<u8>, String)>> {
+        let (lo, hi) = below(dir);
+        let skip = i64::try_from(lo.len()).unwrap_or(i64::MAX) + 1;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT path, kind FROM run.nodes
+                 WHERE path >= ?1 AND (?2 IS NULL OR path < ?2)
+                   AND instr(substr(path, ?3), X'2F') = 0",
+            )
+            .map_err(self.e())?;
+        let rows = stmt
+            .query_map(params![lo, hi, skip], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(self.e())?;
+        Ok(rows
+            .into_iter()
+            .filter(|(p, _): &(Vec<u8>, _)| p.len() > lo.len())
+            .collect())
+    }
+
+    /// Removes the run's entry at `path` (not what is below it).
+    pub fn remove_path(&self, path: &[u8]) -> Result<()> {
+        let id: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT id FROM run.nodes WHERE path = ?1")
+            .and_then(|mut s| s.query_row([path], |r| r.get(0)).optional())
+            .map_err(self.e())?;
+        match id {
+            Some(id) => self.remove_node(id),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes the run's entry at `path` and everything below it.
+    pub fn remove_subtree(&self, path: &[u8]) -> Result<()> {
+        self.remove_path(path)?;
+        let (lo, hi) = below(path);
+        let under = "SELECT id FROM run.nodes WHERE path >= ?1 AND (?2 IS NULL OR path < ?2)";
+        self.conn
+            .execute(
+                &format!("DELETE FROM run.file_chunks WHERE node_id IN ({under})"),
+                params![lo, hi],
+            )
+            .and_then(|_| {
+                self.conn.execute(
+                    &format!("DELETE FROM run.xattrs WHERE node_id IN ({under})"),
+                    params![lo, hi],
+                )
+            })
+            .and_then(|_| {
+                self.conn.execute(
+                    "DELETE FROM run.nodes WHERE path >= ?1 AND (?2 IS NULL OR path < ?2)",
+                    params![lo, hi],
+                )
+            })
+            .map(|_| ())
+            .map_err(self.e())
+    }
+
+    /// Removes the run's regular files with this inode and returns their paths: a
+    /// file written through another of its names must be read again.
+    pub fn take_inode_files(&self, dev: u64, ino: u64) -> Result<Vec<Vec<u8>>> {
+        let paths: Vec<Vec<u8>> = self
+            .conn
+            .prepare_cached(
+                "SELECT path FROM run.nodes WHERE dev = ?1 AND ino = ?2 AND kind = 'file'",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![dev as i64, ino as i64], |r| r.get(0))
+                    .and_then(|rows| rows.collect())
+            })
+            .map_err(self.e())?;
+        for p in &paths {
+            self.remove_path(p)?;
+        }
+        Ok(paths)
+    }
+
+    /// Hard links whose target is no longer a regular file of the run.
+    pub fn dangling_hardlinks(&self) -> Result<Vec<Vec<u8>>> {
+        self.conn
+            .prepare_cached(
+                "SELECT h.path FROM run.nodes h WHERE h.kind = 'hardlink' AND NOT EXISTS
+                     (SELECT 1 FROM run.nodes f WHERE f.path = h.target AND f.kind = 'file')
+                 ORDER BY h.path",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |r| r.get(0))
+                    .and_then(|rows| rows.collect())
+            })
+            .map_err(self.e())
+    }
+
+    pub fn run_totals(&self) -> Result<RunTotals> {
+        let mut t = RunTotals::default();
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT kind, count(*), total(size) FROM run.nodes GROUP BY kind")
+            .map_err(self.e())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, f64>(2)?,
+                ))
+            })
+            .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(self.e())?;
+        for (kind, n, bytes) in rows {
+            let n = u64::try_from(n).unwrap_or(0);
+            match kind.as_str() {
+                "file" => {
+                    t.files = n;
+                    t.bytes = bytes as u64;
+                }
+                "dir" => t.dirs = n,
+                "symlink" => t.symlinks = n,
+                "hardlink" => t.hardlinks = n,
+                _ => {}
+            }
+        }
+        Ok(t)
+    }
+}

@@ -1,0 +1,127 @@
+//! Partial scans: the backup daemon watches its sources and lists only the directories
+//! that changed; the snapshot still holds the whole tree, exactly.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn snapshots(dir: &Path, key: &Key) -> usize {
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let out = vaultik(&["snapshots", &local_repo(dir), "", "--json"], &env);
+    if !out.status.success() {
+        return 0;
+    }
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+        .unwrap()
+        .len()
+}
+
+/// Waits (at most 60 s) until the repository holds `n` snapshots.
+fn wait_snapshots(dir: &Path, key: &Key, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while snapshots(dir, key) < n {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} snapshots in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn daemon(cfg: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_vaultik"))
+        .args(["backup", cfg.to_str().unwrap(), "--daemon"])
+        .stderr(std::fs::File::create(log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// The directory counts of the partial scans in the daemon's log.
+fn partial_scans(log: &Path) -> Vec<usize> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("vaultik: partial scan: "))
+        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// Edits of every kind, each in a directory of its own, most far from the root.
+fn mutate(src: &Path) {
+    let p = |s: &str| src.join(s);
+    std::fs::write(p("dir/hello.txt"), b"hello again\n").unwrap();
+    write_file(&p("new/a/b/file"), b"a new subtree");
+    std::fs::remove_dir_all(p("deep/level-00-dddddddddddddddddddddddddddddddddddddddd")).unwrap();
+    std::fs::rename(p("dir/sub"), p("dir/moved")).unwrap();
+    std::fs::remove_dir(p("dir/empty")).unwrap();
+    std::fs::write(p("dir/empty"), b"was a directory").unwrap();
+    std::os::unix::fs::symlink("moved", p("dir/newlink")).unwrap();
+    // The first name of a hard-linked file goes; the others must keep its content,
+    // also one in a directory nothing touched.
+    std::fs::remove_file(p("hard-a")).unwrap();
+    std::fs::remove_file(p("p/first")).unwrap();
+    // Written through one name while the other sits in a directory nothing touched.
+    std::fs::write(p("y/two"), b"written through y").unwrap();
+    xattr::set(p("z/attr"), "user.changed", b"later").unwrap();
+}
+
+#[test]
+fn a_watching_daemon_lists_only_changed_directories_and_restores_exactly() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fidelity_tree(&src, false);
+    write_file(&src.join("x/one"), b"linked");
+    std::fs::create_dir_all(src.join("y")).unwrap();
+    std::fs::hard_link(src.join("x/one"), src.join("y/two")).unwrap();
+    write_file(&src.join("z/attr"), b"attributes change");
+    write_file(&src.join("p/first"), b"two names");
+    std::fs::create_dir_all(src.join("q")).unwrap();
+    std::fs::hard_link(src.join("p/first"), src.join("q/second")).unwrap();
+    let key = keygen(t.path());
+    let cfg = local_config(t.path(), &[&src], &key, "backup_interval: 1s\n");
+    let log = t.path().join("daemon.log");
+    let mut child = daemon(&cfg, &log);
+
+    // The first run scans everything; the next ones only what changed (nothing).
+    wait_snapshots(t.path(), &key, 2);
+    mutate(&src);
+    let now = snapshots(t.path(), &key);
+    wait_snapshots(t.path(), &key, now + 2);
+    let _ = child.kill();
+    child.wait().unwrap();
+
+    let scans = partial_scans(&log);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("backup failed"), "{text}");
+    assert!(
+        scans.iter().any(|&n| n > 0),
+        "a partial scan listed the changed directories: {text}"
+    );
+    let dirs = walk(&src).iter().filter(|(_, m)| m.is_dir()).count();
+    assert!(
+        scans.iter().all(|&n| n < 12 && n < dirs),
+        "partial scans list a few of the {dirs} directories: {scans:?}"
+    );
+
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let target = t.path().join("restored");
+    let out = vaultik(
+        &[
+            "restore",
+            &local_repo(t.path()),
+            "",
+            "latest",
+            target.to_str().unwrap(),
+            "-q",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_tree(&src, &restored(&target, &src));
+}
