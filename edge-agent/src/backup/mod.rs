@@ -36,6 +36,8 @@ use crate::scan::{Entry, Excludes, Visit, relative_bytes, resolve_roots, walk};
 use crate::snapshot::{MANIFEST_FORMAT, METADATA_FORMAT, Manifest, NodeKind, SnapshotId, Summary};
 use crate::store::Repo;
 
+/// A partial scan is used only if the whole tree was walked more recently than this.
+const WALK_EVERY: Duration = Duration::from_secs(24 * 3600);
 /// Batches waiting for a compressor, and batches waiting for the packer.
 const QUEUE_DEPTH: usize = 1;
 /// Chunks travel between threads in batches of about this many bytes, so trees of
@@ -226,8 +228,13 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         .collect();
     let source_json = serde_json::to_string(&sources).unwrap_or_default();
     let exclude_json = serde_json::to_string(&config.exclude).unwrap_or_default();
+    // Events a watcher cannot see (writes through mmap, network filesystems) are
+    // caught by walking everything at least this often.
+    let walk_due = index
+        .last_walk_ns()?
+        .is_none_or(|t| started_ns.saturating_sub(t) >= WALK_EVERY.as_nanos() as i64);
     let changed = match &opts.scope {
-        Scope::Changed(dirs) if !rehash => {
+        Scope::Changed(dirs) if !rehash && !walk_due => {
             let key = CarryKey {
                 format: &METADATA_FORMAT.to_string(),
                 source_dirs: &source_json,
@@ -339,6 +346,9 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     index.commit_snapshot(&id.to_string(), time_unix_ns)?;
     if rehash || last_full.is_none() {
         index.set_last_full_scan_ns(started_ns)?;
+    }
+    if rescanned.is_none() {
+        index.set_last_walk_ns(started_ns)?;
     }
     opts.progress.finish();
     Ok(Outcome {

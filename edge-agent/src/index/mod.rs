@@ -317,6 +317,16 @@ impl Index {
         self.set_setting("last_full_scan_ns", &t.to_string())
     }
 
+    /// When a run last walked the whole tree (rather than a partial scan's few
+    /// directories), if ever.
+    pub fn last_walk_ns(&self) -> Result<Option<i64>> {
+        Ok(self.setting("last_walk_ns")?.and_then(|v| v.parse().ok()))
+    }
+
+    pub fn set_last_walk_ns(&self, t: i64) -> Result<()> {
+        self.set_setting("last_walk_ns", &t.to_string())
+    }
+
     /// Records, durably, that the manifest of the finished run is about to be uploaded.
     pub fn mark_manifest_pending(&self, id: &str, time_ns: i64) -> Result<()> {
         self.set_setting("pending_manifest", &format!("{id} {time_ns}"))
