@@ -175,19 +175,8 @@ impl Db {
         let now = now_ms();
         let not_after = ms_of(cert.not_after);
         self.with_tx(|tx| {
-            let row: Option<(i64, Option<i64>)> = tx
-                .query_row(
-                    "SELECT expires_ms, used_ms FROM tokens WHERE hash = ?1",
-                    [sha256(secret)],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()
-                .map_err(sql)?;
-            match row {
-                None => return Ok(Err(TokenRefusal::Unknown)),
-                Some((_, Some(_))) => return Ok(Err(TokenRefusal::Used)),
-                Some((expires, None)) if expires <= now => return Ok(Err(TokenRefusal::Expired)),
-                Some(_) => {}
+            if let Err(why) = token_state(tx, secret, now)? {
+                return Ok(Err(why));
             }
             tx.execute(
                 "UPDATE tokens SET used_ms = ?2, used_by = ?3 WHERE hash = ?1",
@@ -202,6 +191,12 @@ impl Db {
             record_certificate(tx, agent, &cert.serial, now, not_after)?;
             Ok(Ok(()))
         })
+    }
+
+    /// Whether `secret` is a token that can still enroll (checked again, and spent, by
+    /// `enroll`), so that no work is done for a request without one.
+    pub fn token_usable(&self, secret: &[u8]) -> Result<Result<(), TokenRefusal>, DbError> {
+        token_state(&self.conn, secret, now_ms())
     }
 
     pub fn agents(&self) -> Result<Vec<AgentRow>, DbError> {
@@ -484,6 +479,27 @@ pub(crate) fn record_certificate(
     Ok(())
 }
 
+fn token_state(
+    conn: &rusqlite::Connection,
+    secret: &[u8],
+    now: i64,
+) -> Result<Result<(), TokenRefusal>, DbError> {
+    let row: Option<(i64, Option<i64>)> = conn
+        .query_row(
+            "SELECT expires_ms, used_ms FROM tokens WHERE hash = ?1",
+            [sha256(secret)],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(sql)?;
+    Ok(match row {
+        None => Err(TokenRefusal::Unknown),
+        Some((_, Some(_))) => Err(TokenRefusal::Used),
+        Some((expires, None)) if expires <= now => Err(TokenRefusal::Expired),
+        Some(_) => Ok(()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,5 +571,34 @@ mod tests {
             .execute_batch("PRAGMA user_version = 99")
             .unwrap();
         assert!(matches!(Db::open(&path), Err(DbError::TooNew { .. })));
+    }
+
+    /// POSIX locks belong to the process: closing any descriptor of the database file
+    /// drops every lock its connections hold, and another process closing its own
+    /// connection then deletes the write-ahead log under them.
+    #[test]
+    fn a_second_connection_keeps_the_first_ones_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sqlite");
+        let mut first = Db::open(&path).unwrap();
+        let _second = Db::open(&path).unwrap();
+        let out = std::process::Command::new("sqlite3")
+            .arg(&path)
+            .arg("SELECT count(*) FROM agents")
+            .output()
+            .expect("sqlite3 comes from ./scripts/test.sh");
+        assert!(out.status.success());
+        assert!(
+            dir.path().join("c.sqlite-wal").exists(),
+            "another process deleted the log of live connections"
+        );
+        let t = hex::decode(first.create_token(Duration::from_secs(60), "pi").unwrap()).unwrap();
+        let a = AgentId([1; 16]);
+        assert_eq!(first.enroll(&t, &a, "pi", &issued()).unwrap(), Ok(()));
+        let seen = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM agents", [], |r| r.get::<_, i64>(0))
+            .unwrap();
+        assert_eq!(seen, 1, "a write is visible to other processes");
     }
 }

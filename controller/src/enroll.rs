@@ -100,6 +100,16 @@ fn grant(s: &Enroller, req: &Request) -> Response {
             "the token is unknown, used or expired",
         );
     };
+    let usable = match s.db.lock() {
+        Ok(db) => db.token_usable(&secret),
+        Err(_) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+    };
+    if !matches!(usable, Ok(Ok(()))) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "the token is unknown, used or expired",
+        );
+    }
     let agent = AgentId(rand::random());
     let issued = match s.ca.sign_agent(&agent, &req.csr, s.cert_validity) {
         Ok(i) => i,

@@ -32,11 +32,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
 }
 
 /// Creates `path` empty with mode 0600 if missing, or tightens it to 0600.
+///
+/// An existing file is only chmod'ed, never opened: closing a descriptor of a SQLite
+/// database drops every POSIX lock this process's connections hold on it.
 pub fn private_file(path: &Path) -> std::io::Result<()> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
+    match std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
         .mode(0o600)
-        .open(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -169,15 +169,23 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
 
 /// Creates `path` (if missing) readable by its owner only, and tightens an existing
 /// file. SQLite gives its journal and WAL files the mode of the database file.
+/// An existing file is only chmod'ed, never opened: closing a descriptor of a SQLite
+/// database drops every POSIX lock this process's connections hold on it.
 pub(crate) fn private_file(path: &Path) -> Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
+    match std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
         .mode(0o600)
         .open(path)
-        .and_then(|_| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)))
-        .map_err(|e| Error::io("creating", path, e))
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        }
+        Err(e) => Err(e),
+    }
+    .map_err(|e| Error::io("creating", path, e))
 }
 
 /// Only real corruption justifies setting an index aside; a locked or unreadable one
