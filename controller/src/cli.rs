@@ -215,12 +215,7 @@ fn agents(db: &Db, json: bool) -> Result<()> {
             "offline"
         };
         let last = r.last_backup_ms.map_or_else(|| "never".into(), ago);
-        let name: String = r
-            .display_name
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(20)
-            .collect();
+        let name = controller::text::printable(&r.display_name, 20);
         println!(
             "{:<32}  {state:<8}  {name:<20}  {last:<20}  {}",
             r.id, r.snapshots

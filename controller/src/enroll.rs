@@ -90,7 +90,7 @@ async fn enroll(State(s): State<Arc<Enroller>>, Json(req): Json<Request>) -> Res
 
 /// A display name from the agent, for people: printable, at most 64 characters.
 fn display_name(name: &str) -> String {
-    name.chars().filter(|c| !c.is_control()).take(64).collect()
+    crate::text::printable(name, 64)
 }
 
 fn grant(s: &Enroller, req: &Request) -> Response {

@@ -6,6 +6,7 @@
 //! - `broker`: the supervised or external mosquitto and the ACL/CRL files it reads.
 //! - `enroll`: the HTTPS enrollment endpoint.
 //! - `link`: the MQTT client that ingests, acknowledges, commands and revokes.
+//! - `text`: agent-sent text made safe to show.
 
 pub mod broker;
 pub mod db;
@@ -14,6 +15,7 @@ pub mod files;
 pub mod ingest;
 pub mod link;
 pub mod pki;
+pub mod text;
 
 /// Resolves once `stop` holds `true` (or its sender is gone).
 pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
