@@ -10,7 +10,10 @@ use wire::id::{AgentId, CommandId};
 use wire::message::CommandBody;
 
 /// Every migration, in order; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_init.sql"),
+    include_str!("../migrations/0002_history.sql"),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -409,6 +412,22 @@ impl Db {
     }
 
     /// Marks online agents not heard from for `timeout` offline; returns them.
+    /// Deletes heartbeats and remembered event ids received before `keep` ago; returns
+    /// how many rows went. Event ids only guard against redelivery, which comes within
+    /// minutes, never weeks.
+    pub fn trim_history(&self, keep: Duration) -> Result<usize, DbError> {
+        let before = now_ms().saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+        let h = self
+            .conn
+            .execute("DELETE FROM heartbeats WHERE received_ms < ?1", [before])
+            .map_err(self.err())?;
+        let e = self
+            .conn
+            .execute("DELETE FROM events WHERE received_ms < ?1", [before])
+            .map_err(self.err())?;
+        Ok(h + e)
+    }
+
     pub fn mark_silent_offline(&self, timeout: Duration) -> Result<Vec<String>, DbError> {
         let before = now_ms().saturating_sub(i64::try_from(timeout.as_millis()).unwrap_or(0));
         let mut st = self
@@ -571,6 +590,39 @@ mod tests {
             .execute_batch("PRAGMA user_version = 99")
             .unwrap();
         assert!(matches!(Db::open(&path), Err(DbError::TooNew { .. })));
+    }
+
+    #[test]
+    fn history_older_than_the_window_is_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(&dir.path().join("c.sqlite")).unwrap();
+        let t = hex::decode(db.create_token(Duration::from_secs(60), "pi").unwrap()).unwrap();
+        let a = AgentId([1; 16]);
+        db.enroll(&t, &a, "pi", &issued()).unwrap().unwrap();
+        let now = now_ms();
+        for (i, age_days) in [0i64, 1, 8, 30].into_iter().enumerate() {
+            let at = now - age_days * 86_400_000;
+            db.conn
+                .execute(
+                    "INSERT INTO heartbeats (agent, at_ms, received_ms, cpu_permille, memory_used,
+                        memory_total, disks, outbox) VALUES (?1, ?2, ?2, 0, 0, 0, '[]', 0)",
+                    params![a.to_string(), at],
+                )
+                .unwrap();
+            db.conn
+                .execute(
+                    "INSERT INTO events (agent, epoch, id, at_ms, received_ms) VALUES (?1, x'00', ?2, ?3, ?3)",
+                    params![a.to_string(), i as i64, at],
+                )
+                .unwrap();
+        }
+        assert_eq!(db.trim_history(Duration::from_secs(7 * 86_400)).unwrap(), 4);
+        let left = |table: &str| -> i64 {
+            db.conn
+                .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!((left("heartbeats"), left("events")), (2, 2));
     }
 
     /// POSIX locks belong to the process: closing any descriptor of the database file

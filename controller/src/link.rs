@@ -83,6 +83,7 @@ pub async fn run(
         handle,
         kicked: HashSet::new(),
         revision: None,
+        trimmed: None,
     };
     let thread = std::thread::spawn(move || worker.run(rx));
     poll(eventloop, client.clone(), tx, stop).await;
@@ -131,6 +132,10 @@ async fn poll(
     }
 }
 
+/// Heartbeats and remembered event ids are kept this long.
+const HISTORY: Duration = Duration::from_secs(14 * 86_400);
+const TRIM_EVERY: Duration = Duration::from_secs(3600);
+
 struct Worker {
     db: Db,
     ca: Arc<Ca>,
@@ -140,6 +145,7 @@ struct Worker {
     handle: tokio::runtime::Handle,
     kicked: HashSet<AgentId>,
     revision: Option<i64>,
+    trimmed: Option<Instant>,
 }
 
 impl Worker {
@@ -171,6 +177,11 @@ impl Worker {
         }
         for agent in self.db.mark_silent_offline(self.settings.offline_after)? {
             tracing::info!("agent {agent} went silent: offline");
+        }
+        if self.trimmed.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
+            self.trimmed = Some(Instant::now());
+            let n = self.db.trim_history(HISTORY)?;
+            tracing::debug!("trimmed {n} rows of heartbeats and event ids");
         }
         for (agent, command) in self.db.commands_to_send(self.settings.resend_after)? {
             self.send(&agent, &Down::Command(command));

@@ -1,0 +1,3 @@
+-- Old heartbeats and event ids are trimmed by age (`Db::trim_history`).
+CREATE INDEX heartbeats_received ON heartbeats (received_ms);
+CREATE INDEX events_received ON events (received_ms);
