@@ -12,7 +12,7 @@ use wire::message::CommandBody;
 /// Every migration, in order; `PRAGMA user_version` counts those applied.
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
-    include_str!("../migrations/0002_history.sql"),
+    include_str!("../migrations/0002_history_capabilities.sql"),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,9 @@
 
 use rusqlite::{OptionalExtension, Transaction, params};
 use wire::id::AgentId;
-use wire::message::{Event, EventBody, Heartbeat, Hello, JobEvent, JobKind, JobState, Status};
+use wire::message::{
+    Capability, Event, EventBody, Heartbeat, Hello, JobEvent, JobKind, JobState, Status,
+};
 
 use crate::db::{DbError, sql};
 
@@ -40,7 +42,7 @@ pub fn admitted(tx: &Transaction, agent: &AgentId) -> Result<bool, DbError> {
 pub fn hello(tx: &Transaction, agent: &AgentId, h: &Hello, now: i64) -> Result<(), DbError> {
     tx.execute(
         "UPDATE agents SET version = ?2, os = ?3, arch = ?4, hostname = ?5, policy_revision = ?6,
-                outbox_epoch = ?7, online = 1, last_seen_ms = ?8 WHERE id = ?1",
+                outbox_epoch = ?7, online = 1, last_seen_ms = ?8, capabilities = ?9 WHERE id = ?1",
         params![
             agent.to_string(),
             h.version.as_str(),
@@ -49,11 +51,25 @@ pub fn hello(tx: &Transaction, agent: &AgentId, h: &Hello, now: i64) -> Result<(
             h.hostname.as_str(),
             h.policy_revision.and_then(|r| i64::try_from(r).ok()),
             h.outbox.as_slice(),
-            now
+            now,
+            capabilities(h)
         ],
     )
     .map_err(sql)?;
     Ok(())
+}
+
+fn capabilities(h: &Hello) -> String {
+    h.capabilities
+        .iter()
+        .map(|c| match c {
+            Capability::Backup => "backup",
+            Capability::Verify => "verify",
+            Capability::Cancel => "cancel",
+            Capability::Inotify => "inotify",
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub fn status(tx: &Transaction, agent: &AgentId, s: Status, now: i64) -> Result<(), DbError> {

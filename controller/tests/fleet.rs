@@ -29,7 +29,8 @@ fn end_to_end(broker: Broker) {
     a.start();
     eventually(30, "the hello", || {
         fleet.count(&q(
-            "SELECT count(*) FROM agents WHERE id = $A AND online = 1 AND version IS NOT NULL AND arch IS NOT NULL",
+            "SELECT count(*) FROM agents WHERE id = $A AND online = 1 AND version IS NOT NULL AND arch IS NOT NULL
+             AND capabilities = 'backup,verify,cancel,inotify'",
             &a.id,
         )) == 1
     });

@@ -68,7 +68,7 @@ struct Daemon {
     renewal_asked: Option<Instant>,
     /// Directories changed since the last backup started, and what watches them.
     changes: watch::SharedLog,
-    _watcher: Option<watch::Watcher>,
+    watcher: Option<watch::Watcher>,
 }
 
 fn ms(t: SystemTime) -> i64 {
@@ -107,7 +107,7 @@ impl Daemon {
             inflight: None,
             renewal_asked: None,
             changes: Arc::new(std::sync::Mutex::new(watch::ChangeLog::new(0))),
-            _watcher: None,
+            watcher: None,
         };
         d.adopt(policy);
         Ok(d)
@@ -124,9 +124,9 @@ impl Daemon {
         };
         self.policy = policy;
         // The sources may have changed: watch them afresh (the next run scans all).
-        self._watcher = None;
+        self.watcher = None;
         let cfg = self.job_config().unwrap_or_else(|_| self.cfg.clone());
-        (self.changes, self._watcher) = crate::cmd::watch_sources(&cfg);
+        (self.changes, self.watcher) = crate::cmd::watch_sources(&cfg);
     }
 
     fn min_gap(&self) -> Duration {
@@ -233,8 +233,11 @@ impl Daemon {
     fn hello(&self) -> Hello {
         let host = rustix::system::uname();
         let mut capabilities = wire::heapless::Vec::new();
-        for c in [Capability::Backup, Capability::Verify] {
+        for c in [Capability::Backup, Capability::Verify, Capability::Cancel] {
             let _ = capabilities.push(c);
+        }
+        if self.watcher.is_some() {
+            let _ = capabilities.push(Capability::Inotify);
         }
         Hello {
             version: truncated(env!("CARGO_PKG_VERSION")),
