@@ -111,17 +111,7 @@ fn a_watching_daemon_lists_only_changed_directories_and_restores_exactly() {
 
     let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
     let target = t.path().join("restored");
-    let out = vaultik(
-        &[
-            "restore",
-            &local_repo(t.path()),
-            "",
-            "latest",
-            target.to_str().unwrap(),
-            "-q",
-        ],
-        &env,
-    );
+    let out = restore_latest(&local_repo(t.path()), "", &target, &env);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_same_tree(&src, &restored(&target, &src));
 }

@@ -222,21 +222,15 @@ impl Index {
             Err(reason) => return Err(sql_err(path)(reason)),
         };
         Ok(Index {
-            conn,
-            path: path.to_path_buf(),
-            run_path: beside(path, "-run"),
-            prev_path: beside(path, "-prev"),
-            salvage_cutoff_ns: 0,
             notices,
             _lock: Some(lock),
+            ..Index::over(conn, path)
         })
     }
 
-    /// Opens an existing index without changing anything (agent-side verify).
-    pub fn open_read_only(path: &Path) -> Result<Self> {
-        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(sql_err(path))?;
-        Ok(Index {
+    /// An index over `conn`, with the paths beside `path`, no notices and no lock.
+    fn over(conn: Connection, path: &Path) -> Self {
+        Index {
             conn,
             path: path.to_path_buf(),
             run_path: beside(path, "-run"),
@@ -244,7 +238,14 @@ impl Index {
             salvage_cutoff_ns: 0,
             notices: Vec::new(),
             _lock: None,
-        })
+        }
+    }
+
+    /// Opens an existing index without changing anything (agent-side verify).
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(sql_err(path))?;
+        Ok(Index::over(conn, path))
     }
 
     fn e(&self) -> impl Fn(rusqlite::Error) -> Error + '_ {
