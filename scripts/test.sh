@@ -38,6 +38,14 @@ for banned in aws-lc-rs aws-lc-sys openssl-sys; do
     exit 1
   fi
 done
+# The Yocto layer: its crate list is Cargo.lock's, and its recipe lints without errors.
+command -v oelint-adv >/dev/null 2>&1 || {
+  python3 -m pip install -q oelint-adv==9.11.2
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash
+}
+bash yocto/update-crates.sh --check
+lint=$(oelint-adv --quiet yocto/meta-vaultik/recipes-backup/vaultik/vaultik_0.1.0.bb 2>&1 || true)
+if grep -q ":error:" <<<"$lint"; then echo "$lint" >&2; exit 1; fi
 # The ARM agents that tests/arm.rs runs under qemu.
 bash cross/build.sh aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf
 cargo test --workspace --locked
