@@ -31,14 +31,18 @@ done
 
 export RUSTFLAGS="--remap-path-prefix=$PWD=/vaultik --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo"
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
-packages=(-p edge-agent)
-[ -n "${CONTROLLER:-}" ] && packages+=(-p controller)
+# One package per build: built together, the agent would inherit the controller's
+# dependency features (and its size).
+packages=(edge-agent)
+[ -n "${CONTROLLER:-}" ] && packages+=(controller)
 for t in "${TARGETS[@]}"; do
   zt=$t
   # The glibc floor is part of zig's target name.
   [ "$t" = armv7-unknown-linux-gnueabihf ] && zt=$t.2.17
-  echo "building ${packages[*]} for $zt" >&2
-  cargo zigbuild --locked --profile edge "${packages[@]}" --bins --target "$zt"
+  for p in "${packages[@]}"; do
+    echo "building $p for $zt" >&2
+    cargo zigbuild --locked --profile edge -p "$p" --bins --target "$zt"
+  done
   for b in target/"$t"/edge/vaultik target/"$t"/edge/vaultik-controller; do
     [ -f "$b" ] && printf '%s\t%s bytes\n' "$b" "$(stat -c %s "$b")"
   done

@@ -12,9 +12,7 @@ LIC_FILES_CHKSUM = "file://Cargo.toml;beginline=9;endline=9;md5=86b31c7756a1a796
 
 PV .= "+git"
 
-SRC_URI = "git://github.com/vaultik/vaultik.git;protocol=https;branch=main \
-           file://agent.yaml \
-           "
+SRC_URI = "git://github.com/vaultik/vaultik.git;protocol=https;branch=main"
 # The release's commit: kas-raspberrypi.yml pins it (SRCREV:pn-vaultik); a plain build
 # follows the branch.
 SRCREV ?= "${AUTOREV}"
@@ -39,7 +37,7 @@ do_install:append() {
     install -m 0644 ${S}/systemd/vaultik-backup.service ${D}${systemd_system_unitdir}/
     install -m 0644 ${S}/systemd/vaultik-backup.timer ${D}${systemd_system_unitdir}/
     install -d -m 0750 ${D}${sysconfdir}/vaultik
-    install -m 0600 ${UNPACKDIR}/agent.yaml ${D}${sysconfdir}/vaultik/agent.yaml
+    install -m 0600 ${S}/deploy/agent.yaml ${D}${sysconfdir}/vaultik/agent.yaml
 }
 
 CONFFILES:${PN} = "${sysconfdir}/vaultik/agent.yaml"
