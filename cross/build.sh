@@ -44,6 +44,6 @@ for t in "${TARGETS[@]}"; do
     cargo zigbuild --locked --profile edge -p "$p" --bins --target "$zt"
   done
   for b in target/"$t"/edge/vaultik target/"$t"/edge/vaultik-controller; do
-    [ -f "$b" ] && printf '%s\t%s bytes\n' "$b" "$(stat -c %s "$b")"
+    if [ -f "$b" ]; then printf '%s\t%s bytes\n' "$b" "$(stat -c %s "$b")"; fi
   done
 done
