@@ -97,8 +97,10 @@ pub struct Index {
     run_path: PathBuf,
     /// The newest snapshot's metadata database, kept for partial scans (`carry`).
     prev_path: PathBuf,
-    /// Blobs of interrupted runs uploaded before this time are not reused.
-    salvage_cutoff_ns: i64,
+    /// Whether the previous snapshot, and young blobs of an interrupted run, have
+    /// chunks to deduplicate against: a first backup then skips both lookups per chunk.
+    dedup_prev: bool,
+    dedup_salvage: bool,
     /// Things the user should hear about once (a damaged index, a recovered run).
     notices: Vec<String>,
     /// Held while a backup uses the index (`<index>.lock`).
@@ -235,7 +237,8 @@ impl Index {
             path: path.to_path_buf(),
             run_path: beside(path, "-run"),
             prev_path: beside(path, "-prev"),
-            salvage_cutoff_ns: 0,
+            dedup_prev: false,
+            dedup_salvage: false,
             notices: Vec::new(),
             _lock: None,
         }
@@ -360,20 +363,21 @@ impl Index {
                 "warning: the previous backup stopped while committing snapshot {id}; this backup reads and uploads everything again, except blobs uploaded in the last 6 hours"
             ));
         }
-        self.salvage_cutoff_ns = now - SALVAGE_WINDOW_NS;
+        // Blobs of interrupted runs uploaded before this are not reused.
+        let cutoff = now - SALVAGE_WINDOW_NS;
         self.conn
             .execute(
                 "DELETE FROM partial_chunks WHERE blob_id IN
                      (SELECT id FROM partial_blobs WHERE uploaded_ns < ?1)",
-                [self.salvage_cutoff_ns],
+                [cutoff],
             )
             .and_then(|_| {
-                self.conn.execute(
-                    "DELETE FROM partial_blobs WHERE uploaded_ns < ?1",
-                    [self.salvage_cutoff_ns],
-                )
+                self.conn
+                    .execute("DELETE FROM partial_blobs WHERE uploaded_ns < ?1", [cutoff])
             })
             .map_err(self.e())?;
+        self.dedup_prev = self.any("main.chunks")?;
+        self.dedup_salvage = self.any("main.partial_chunks")?;
         for suffix in ["", "-journal"] {
             let mut p = self.run_path.as_os_str().to_owned();
             p.push(suffix);
@@ -536,26 +540,39 @@ impl Index {
         if in_run {
             return Ok(true);
         }
-        let copied = self
-            .conn
-            .prepare_cached(
+        // Found in the previous snapshot or in young blobs of an interrupted run (old
+        // ones were deleted by `begin_run`; this run's own are in `run.chunks`).
+        for (wanted, copy) in [
+            (
+                self.dedup_prev,
                 "INSERT OR IGNORE INTO run.chunks SELECT * FROM main.chunks WHERE id = ?1",
-            )
-            .and_then(|mut s| s.execute([&id.0[..]]))
-            .map_err(self.e())?;
-        if copied > 0 {
-            return Ok(true);
+            ),
+            (
+                self.dedup_salvage,
+                "INSERT OR IGNORE INTO run.chunks SELECT * FROM main.partial_chunks WHERE id = ?1",
+            ),
+        ] {
+            let copied = wanted
+                && self
+                    .conn
+                    .prepare_cached(copy)
+                    .and_then(|mut s| s.execute([&id.0[..]]))
+                    .map_err(self.e())?
+                    > 0;
+            if copied {
+                return Ok(true);
+            }
         }
-        let salvaged = self
-            .conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO run.chunks
-                 SELECT c.* FROM main.partial_chunks c JOIN main.partial_blobs b ON b.id = c.blob_id
-                 WHERE c.id = ?1 AND b.uploaded_ns >= ?2",
-            )
-            .and_then(|mut s| s.execute(params![&id.0[..], self.salvage_cutoff_ns]))
-            .map_err(self.e())?;
-        Ok(salvaged > 0)
+        Ok(false)
+    }
+
+    /// True when `table` has a row.
+    fn any(&self, table: &str) -> Result<bool> {
+        self.conn
+            .query_row(&format!("SELECT EXISTS (SELECT 1 FROM {table})"), [], |r| {
+                r.get(0)
+            })
+            .map_err(self.e())
     }
 
     pub fn record_blob(&self, b: &BlobDone) -> Result<()> {
