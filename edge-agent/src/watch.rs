@@ -9,9 +9,10 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 
-use crate::backup::Scope;
+use crate::backup::{Changes, Scope};
 
 /// Directories with changes since the last [`ChangeLog::take`].
 #[derive(Debug)]
@@ -19,6 +20,12 @@ pub struct ChangeLog {
     dirs: BTreeSet<PathBuf>,
     /// False while an event may have been missed since the last take.
     complete: bool,
+    /// The roots a live watcher covers; empty until one starts (then every run
+    /// scans everything).
+    roots: Vec<PathBuf>,
+    /// A digest of the mount table at the last take: a mount under a source makes no
+    /// event.
+    mounts: Option<u64>,
     max_dirs: usize,
 }
 
@@ -28,8 +35,24 @@ impl ChangeLog {
         ChangeLog {
             dirs: BTreeSet::new(),
             complete: false,
+            roots: Vec::new(),
+            mounts: None,
             max_dirs,
         }
+    }
+
+    /// A watcher now covers `roots`; changes count from the next take.
+    pub fn arm(&mut self, roots: Vec<PathBuf>) {
+        self.lost();
+        self.roots = roots;
+    }
+
+    /// The mount table now; a change since the last take loses the log.
+    pub fn note_mounts(&mut self, digest: Option<u64>) {
+        if digest.is_none() || digest != self.mounts {
+            self.lost();
+        }
+        self.mounts = digest;
     }
 
     /// Something happened at `path`: the directory that lists it changed.
@@ -53,8 +76,11 @@ impl ChangeLog {
 
     /// What the run starting now must look at; from now on changes count for the next.
     pub fn take(&mut self) -> Scope {
-        let scope = if self.complete {
-            Scope::Changed(std::mem::take(&mut self.dirs))
+        let scope = if self.complete && !self.roots.is_empty() {
+            Scope::Changed(Changes {
+                roots: self.roots.clone(),
+                dirs: std::mem::take(&mut self.dirs),
+            })
         } else {
             Scope::Everything
         };
@@ -67,8 +93,8 @@ impl ChangeLog {
     pub fn give_back(&mut self, scope: Scope) {
         match scope {
             Scope::Everything => self.lost(),
-            Scope::Changed(dirs) if self.complete => {
-                self.dirs.extend(dirs);
+            Scope::Changed(c) if self.complete => {
+                self.dirs.extend(c.dirs);
                 if self.dirs.len() > self.max_dirs {
                     self.lost();
                 }
@@ -83,7 +109,17 @@ pub type SharedLog = Arc<Mutex<ChangeLog>>;
 
 /// Takes the scope for a run from a shared log (a poisoned lock means a full scan).
 pub fn take(log: &SharedLog) -> Scope {
-    log.lock().map_or(Scope::Everything, |mut l| l.take())
+    let mounts = std::fs::read("/proc/self/mountinfo").ok().map(|t| {
+        u64::from_le_bytes(
+            blake3::hash(&t).as_bytes()[..8]
+                .try_into()
+                .unwrap_or([0; 8]),
+        )
+    });
+    log.lock().map_or(Scope::Everything, |mut l| {
+        l.note_mounts(mounts);
+        l.take()
+    })
 }
 
 pub fn give_back(log: &SharedLog, scope: Scope) {
@@ -101,18 +137,26 @@ impl Watcher {
     /// Watches every directory under `roots` (one inotify watch each).
     pub fn start(roots: &[PathBuf], log: SharedLog) -> Result<Self, notify::Error> {
         let sink = log.clone();
-        let mut inner = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let handler = move |res: notify::Result<notify::Event>| {
             let Ok(mut l) = sink.lock() else {
                 return;
             };
             match res {
                 Ok(e) if e.need_rescan() => l.lost(),
+                // Closing a file written through a memory map is the only sign of it.
+                Ok(e) if e.kind == EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                    e.paths.iter().for_each(|p| l.record(p))
+                }
                 // Opening or reading a file (the backup itself does) changes nothing.
                 Ok(e) if matches!(e.kind, EventKind::Access(_)) => {}
                 Ok(e) => e.paths.iter().for_each(|p| l.record(p)),
                 Err(_) => l.lost(),
             }
-        })?;
+        };
+        // A symlink to a directory of the tree would share its watch, and events
+        // there would be reported under the link's path, which backups do not list.
+        let config = notify::Config::default().with_follow_symlinks(false);
+        let mut inner = notify::RecommendedWatcher::new(handler, config)?;
         for root in roots {
             if let Err(e) = inner.watch(root, RecursiveMode::Recursive) {
                 if let Ok(mut l) = log.lock() {
@@ -120,6 +164,9 @@ impl Watcher {
                 }
                 return Err(e);
             }
+        }
+        if let Ok(mut l) = log.lock() {
+            l.arm(roots.to_vec());
         }
         Ok(Watcher { _inner: inner })
     }
@@ -131,7 +178,7 @@ mod tests {
 
     fn dirs(scope: Scope) -> Vec<String> {
         match scope {
-            Scope::Changed(d) => d.iter().map(|p| p.display().to_string()).collect(),
+            Scope::Changed(c) => c.dirs.iter().map(|p| p.display().to_string()).collect(),
             Scope::Everything => vec!["*".into()],
         }
     }
@@ -139,6 +186,10 @@ mod tests {
     #[test]
     fn the_first_take_and_any_loss_mean_everything() {
         let mut log = ChangeLog::new(3);
+        log.take();
+        log.record(Path::new("/s/a/x"));
+        assert_eq!(dirs(log.take()), ["*"], "no watcher: always everything");
+        log.arm(vec!["/s".into()]);
         log.record(Path::new("/s/a/x"));
         assert_eq!(dirs(log.take()), ["*"], "nothing was watched before");
         log.record(Path::new("/s/a/x"));
@@ -158,6 +209,7 @@ mod tests {
     #[test]
     fn a_failed_run_gives_its_changes_back() {
         let mut log = ChangeLog::new(10);
+        log.arm(vec!["/s".into()]);
         log.take();
         log.record(Path::new("/s/a/x"));
         let taken = log.take();
@@ -170,5 +222,21 @@ mod tests {
             ["*"],
             "a failed full scan is a full scan again"
         );
+    }
+
+    #[test]
+    fn a_changed_mount_table_means_everything() {
+        let mut log = ChangeLog::new(10);
+        log.arm(vec!["/s".into()]);
+        log.note_mounts(Some(1));
+        log.take();
+        log.record(Path::new("/s/a/x"));
+        log.note_mounts(Some(1));
+        assert_eq!(dirs(log.take()), ["/s/a"]);
+        log.record(Path::new("/s/a/x"));
+        log.note_mounts(Some(2));
+        assert_eq!(dirs(log.take()), ["*"], "something was mounted");
+        log.note_mounts(None);
+        assert_eq!(dirs(log.take()), ["*"], "an unreadable mount table");
     }
 }

@@ -11,7 +11,7 @@
 mod partial;
 
 use partial::PartialWalk;
-pub use partial::Scope;
+pub use partial::{Changes, Scope};
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -178,7 +178,7 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     let started_ns = crate::index::now_ns();
     let last_full = index.last_full_scan_ns()?;
     let full_scan_due = match (config.full_scan_interval, last_full) {
-        (Some(every), Some(t)) => started_ns - t >= every.as_nanos() as i64,
+        (Some(every), Some(t)) => is_due(started_ns, t, every),
         _ => false,
     };
     let rehash = opts.rehash || full_scan_due;
@@ -232,15 +232,15 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     // caught by walking everything at least this often.
     let walk_due = index
         .last_walk_ns()?
-        .is_none_or(|t| started_ns.saturating_sub(t) >= WALK_EVERY.as_nanos() as i64);
+        .is_none_or(|t| is_due(started_ns, t, WALK_EVERY));
     let changed = match &opts.scope {
-        Scope::Changed(dirs) if !rehash && !walk_due => {
+        Scope::Changed(c) if !rehash && !walk_due && c.roots == roots.paths => {
             let key = CarryKey {
                 format: &METADATA_FORMAT.to_string(),
                 source_dirs: &source_json,
                 excludes: &exclude_json,
             };
-            index.carry_previous(&key)?.then_some(dirs)
+            index.carry_previous(&key)?.then_some(&c.dirs)
         }
         _ => None,
     };
@@ -347,7 +347,10 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     if rehash || last_full.is_none() {
         index.set_last_full_scan_ns(started_ns)?;
     }
-    if rescanned.is_none() {
+    if !skipped.is_empty() {
+        // What could not be read this time is looked for again only by a full walk.
+        index.set_last_walk_ns(0)?;
+    } else if rescanned.is_none() {
         index.set_last_walk_ns(started_ns)?;
     }
     opts.progress.finish();
@@ -360,6 +363,13 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         hostname,
         rescanned,
     })
+}
+
+/// True when `every` has passed since `last`, or `last` lies in the future (the
+/// clock was stepped back, or `last` was set by a clock that ran ahead).
+fn is_due(now: i64, last: i64, every: Duration) -> bool {
+    let every = i64::try_from(every.as_nanos()).unwrap_or(i64::MAX);
+    last > now || now.saturating_sub(last) >= every
 }
 
 /// After a partial scan the counts cover the whole snapshot, carried entries too.
@@ -800,6 +810,17 @@ fn upload_metadata(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_time_in_the_future_is_due() {
+        let day = Duration::from_secs(86_400);
+        let now = 100 * 86_400 * 1_000_000_000;
+        assert!(!is_due(now, now - 1, day));
+        assert!(is_due(now, now - 86_400 * 1_000_000_000, day));
+        assert!(is_due(now, now + 1, day), "a clock stepped back");
+        assert!(!is_due(now, 0, Duration::MAX));
+        assert!(is_due(i64::MAX, i64::MIN, day));
+    }
 
     #[test]
     fn far_times_clamp_instead_of_wrapping() {

@@ -3,14 +3,13 @@
 //! directory found in one of them is walked in full; one that is gone takes its
 //! subtree with it.
 
-use std::collections::BTreeSet;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::Result;
-use crate::index::Index;
+use crate::index::{FileStat, Index};
 use crate::scan::{
     Entry, Excludes, Visit, normalize_roots, read_sorted, relative_bytes, walk_tree,
 };
@@ -22,7 +21,15 @@ pub enum Scope {
     Everything,
     /// Only these directories changed since the newest snapshot started: every other
     /// entry is carried over from it.
-    Changed(BTreeSet<PathBuf>),
+    Changed(Changes),
+}
+
+/// What a watcher saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// The roots it watched: a partial scan needs them to be the backup's roots.
+    pub roots: Vec<PathBuf>,
+    pub dirs: BTreeSet<PathBuf>,
 }
 
 type Visitor<'v> = dyn FnMut(Entry) -> Result<Visit> + 'v;
@@ -37,6 +44,9 @@ pub(super) struct PartialWalk<'a, 'v> {
     walked: Vec<PathBuf>,
     /// Files to read again at the end (hard links whose other names moved or changed).
     again: BTreeSet<Vec<u8>>,
+    /// Directories listed again already.
+    listed: HashSet<PathBuf>,
+    roots: Vec<PathBuf>,
 }
 
 impl<'a, 'v> PartialWalk<'a, 'v> {
@@ -53,36 +63,46 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
             warn,
             walked: Vec::new(),
             again: BTreeSet::new(),
+            listed: HashSet::new(),
+            roots: Vec::new(),
         }
     }
 
     /// Rescans `changed` under `roots`; returns how many directories were listed.
     pub fn run(mut self, roots: &[PathBuf], changed: &BTreeSet<PathBuf>) -> Result<usize> {
-        let roots = normalize_roots(roots);
-        for root in &roots {
-            self.restat_root(root)?;
+        self.roots = normalize_roots(roots);
+        for root in self.roots.clone() {
+            self.restat_root(&root)?;
         }
-        let mut listed = 0;
         // Byte order puts a directory before everything below it.
         for dir in changed {
-            if self.wanted(&roots, dir)? {
-                self.rescan(dir, roots.contains(dir))?;
-                listed += 1;
+            if !self.listed.contains(dir) && self.wanted(dir)? {
+                self.rescan(dir)?;
             }
         }
         self.again.extend(self.index.dangling_hardlinks()?);
         for rel in std::mem::take(&mut self.again) {
             self.read_again(&rel)?;
         }
-        Ok(listed)
+        Ok(self.listed.len())
+    }
+
+    /// True when the directory holding `path` is a root or a directory of the run.
+    fn parent_is_dir(&self, path: &Path) -> Result<bool> {
+        let Some(parent) = path.parent() else {
+            return Ok(false);
+        };
+        if self.roots.iter().any(|r| r == parent) {
+            return Ok(true);
+        }
+        Ok(self.index.run_kind(relative_bytes(parent))?.as_deref() == Some("dir"))
     }
 
     /// Visits an entry of an unchanged directory again, unless it is gone with it.
     fn read_again(&mut self, rel: &[u8]) -> Result<()> {
         self.index.remove_path(rel)?;
         let abs = absolute(rel);
-        let parent = abs.parent().map(relative_bytes).unwrap_or_default();
-        if self.index.run_kind(parent)?.as_deref() != Some("dir") {
+        if !self.parent_is_dir(&abs)? {
             return Ok(());
         }
         match std::fs::symlink_metadata(&abs) {
@@ -95,18 +115,41 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
         }
     }
 
-    /// A root and its ancestors are stat'ed on every run, as a full walk does.
+    /// A root and its ancestors are stat'ed on every run, as a full walk does. A root
+    /// whose listing changed is listed again; one that is another directory now (moved,
+    /// replaced, mounted over) is walked in full.
     fn restat_root(&mut self, root: &Path) -> Result<()> {
         let mut chain: Vec<&Path> = root
             .ancestors()
             .filter(|a| a.as_os_str().len() > 1)
             .collect();
         chain.reverse();
+        let before = self.index.run_stat(relative_bytes(root))?;
         for p in chain {
             self.index.remove_path(relative_bytes(p))?;
             self.restat(p)?;
         }
-        Ok(())
+        let Ok(meta) = std::fs::symlink_metadata(root) else {
+            return Ok(());
+        };
+        match before {
+            Some(b) if same_dir(&b, &meta) => Ok(()),
+            Some(b) if b.dev == meta.dev() && b.ino == meta.ino() => self.rescan(root),
+            _ if root.as_os_str().len() > 1 => self.walk_anew(root, relative_bytes(root)),
+            _ => self.rescan(root),
+        }
+    }
+
+    /// Forgets what the run holds at and below `abs` and walks it in full.
+    fn walk_anew(&mut self, abs: &Path, rel: &[u8]) -> Result<()> {
+        self.index.remove_subtree(rel)?;
+        self.walked.push(abs.to_path_buf());
+        walk_tree(
+            abs,
+            self.excludes,
+            &mut &mut *self.visit,
+            &mut &mut *self.warn,
+        )
     }
 
     /// Visits `path` alone, if it can still be stat'ed.
@@ -126,8 +169,8 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
 
     /// A changed directory is rescanned when it is in a source, not excluded, not
     /// already walked, and its parent is (still) a directory of the run.
-    fn wanted(&self, roots: &[PathBuf], dir: &Path) -> Result<bool> {
-        let Some(root) = roots.iter().find(|r| dir.starts_with(r)) else {
+    fn wanted(&self, dir: &Path) -> Result<bool> {
+        let Some(root) = self.roots.iter().find(|r| dir.starts_with(r)) else {
             return Ok(false);
         };
         if self.walked.iter().any(|w| dir.starts_with(w))
@@ -141,13 +184,16 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
         if dir == root {
             return Ok(true);
         }
-        let parent = dir.parent().map(relative_bytes).unwrap_or_default();
-        Ok(self.index.run_kind(parent)?.as_deref() == Some("dir"))
+        self.parent_is_dir(dir)
     }
 
     /// Lists `dir` again: its own entry, and each entry in it. Entries that are gone
     /// leave with their subtrees.
-    fn rescan(&mut self, dir: &Path, is_root: bool) -> Result<()> {
+    fn rescan(&mut self, dir: &Path) -> Result<()> {
+        if !self.listed.insert(dir.to_path_buf()) {
+            return Ok(());
+        }
+        let is_root = self.roots.iter().any(|r| r == dir);
         let rel = relative_bytes(dir).to_vec();
         let before: HashMap<Vec<u8>, String> = self.index.run_children(&rel)?.into_iter().collect();
         match std::fs::symlink_metadata(dir) {
@@ -196,24 +242,24 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
             }
         };
         if meta.is_dir() && was == Some("dir") {
-            // Its own entries are carried over unless it changed too.
-            self.index.remove_path(rel)?;
-            return (self.visit)(Entry {
-                path: abs.to_path_buf(),
-                meta,
-            })
-            .map(|_| ());
+            let before = self.index.run_stat(rel)?;
+            if let Some(b) = before.filter(|b| b.dev == meta.dev() && b.ino == meta.ino()) {
+                // The same directory: its entries are carried over, unless its own
+                // listing changed (events made before a new directory was watched).
+                let changed = !same_dir(&b, &meta);
+                self.index.remove_path(rel)?;
+                (self.visit)(Entry {
+                    path: abs.to_path_buf(),
+                    meta,
+                })?;
+                return if changed { self.rescan(abs) } else { Ok(()) };
+            }
+        }
+        if meta.is_dir() {
+            // New here, or another directory under the old name.
+            return self.walk_anew(abs, rel);
         }
         self.index.remove_subtree(rel)?;
-        if meta.is_dir() {
-            self.walked.push(abs.to_path_buf());
-            return walk_tree(
-                abs,
-                self.excludes,
-                &mut &mut *self.visit,
-                &mut &mut *self.warn,
-            );
-        }
         if meta.is_file() && meta.nlink() > 1 {
             // Another name of this inode may be carried over with stale content.
             for other in self.index.take_inode_files(meta.dev(), meta.ino())? {
@@ -226,6 +272,14 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
         })
         .map(|_| ())
     }
+}
+
+/// True when a directory's stat data is what the run holds for it (directories are
+/// stored with size 0, so the size is not compared).
+fn same_dir(before: &FileStat, meta: &std::fs::Metadata) -> bool {
+    let now = super::stat_of(meta);
+    (before.dev, before.ino, before.mtime_ns, before.ctime_ns)
+        == (now.dev, now.ino, now.mtime_ns, now.ctime_ns)
 }
 
 /// The path a stored (relative) path names.

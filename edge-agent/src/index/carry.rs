@@ -4,7 +4,7 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::Index;
+use super::{FileStat, Index};
 use crate::error::{Error, Result};
 
 /// What the carried-over snapshot must share with this run for its entries to stand.
@@ -115,6 +115,27 @@ impl Index {
         self.conn
             .prepare_cached("SELECT kind FROM run.nodes WHERE path = ?1")
             .and_then(|mut s| s.query_row([path], |r| r.get(0)).optional())
+            .map_err(self.e())
+    }
+
+    /// Stat data the run holds for `path`, if it has an entry there.
+    pub fn run_stat(&self, path: &[u8]) -> Result<Option<FileStat>> {
+        self.conn
+            .prepare_cached(
+                "SELECT dev, ino, size, mtime_ns, ctime_ns FROM run.nodes WHERE path = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row([path], |r| {
+                    Ok(FileStat {
+                        dev: r.get::<_, i64>(0)? as u64,
+                        ino: r.get::<_, i64>(1)? as u64,
+                        size: r.get::<_, i64>(2)? as u64,
+                        mtime_ns: r.get(3)?,
+                        ctime_ns: r.get(4)?,
+                    })
+                })
+                .optional()
+            })
             .map_err(self.e())
     }
 
