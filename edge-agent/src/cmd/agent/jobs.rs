@@ -175,7 +175,9 @@ pub async fn wait(job: &mut Option<Job>) -> Done {
     tail.extend(events);
     Done {
         events: tail,
-        unfinished: (!finished).then(|| j.scope.clone()),
+        // Only a backup took the watcher's changes; a failed verify must not give back
+        // "everything" and force a full walk.
+        unfinished: (!finished && j.kind == JobKind::Backup).then(|| j.scope.clone()),
     }
 }
 
@@ -298,6 +300,18 @@ mod tests {
                 ..
             }) => Some((*files, *bytes, *total_bytes)),
             _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_a_failed_backup_gives_its_changes_back() {
+        for (kind, back) in [(JobKind::Backup, true), (JobKind::Verify, false)] {
+            let mut j = job(Arc::new(Tally::new(2)));
+            j.kind = kind;
+            j.handle = tokio::task::spawn_blocking(|| Err("the bucket is gone".into()));
+            let mut slot = Some(j);
+            let done = wait(&mut slot).await;
+            assert_eq!(done.unfinished.is_some(), back, "{kind:?}");
         }
     }
 

@@ -370,16 +370,18 @@ impl Daemon {
         let cfg = self.job_config()?;
         let mut scope = Scope::Everything;
         if matches!(kind, JobKindArg::Backup) {
-            scope = watch::take(&self.changes);
             let now = SystemTime::now();
-            self.last_start = Some(now);
             self.outbox
                 .set_setting(LAST_START_KEY, &ms(now).to_le_bytes())?;
+            self.last_start = Some(now);
+            scope = watch::take(&self.changes);
         }
         let job = Job::start(kind, command, cfg, self.repo.clone(), scope);
-        self.push(&job.started())?;
+        let started = job.started();
+        // Kept before anything else can fail: the job runs already, and it holds the
+        // watcher's changes until it finishes.
         self.job = Some(job);
-        Ok(())
+        self.push(&started)
     }
 
     /// The config jobs run under: the agent's, as the policy amends it.
