@@ -69,6 +69,12 @@ fn mutate(src: &Path) {
     // Written through one name while the other sits in a directory nothing touched.
     std::fs::write(p("y/two"), b"written through y").unwrap();
     xattr::set(p("z/attr"), "user.changed", b"later").unwrap();
+    // Another directory under an old name, filled before it got there: only its
+    // parent's listing tells, and none of its old entries may stay.
+    let outside = src.with_file_name("outside");
+    write_file(&outside.join("fresh"), b"made elsewhere");
+    std::fs::rename(p("r/inner"), p("r/inner.old")).unwrap();
+    std::fs::rename(&outside, p("r/inner")).unwrap();
 }
 
 #[test]
@@ -83,6 +89,7 @@ fn a_watching_daemon_lists_only_changed_directories_and_restores_exactly() {
     write_file(&src.join("p/first"), b"two names");
     std::fs::create_dir_all(src.join("q")).unwrap();
     std::fs::hard_link(src.join("p/first"), src.join("q/second")).unwrap();
+    write_file(&src.join("r/inner/old"), b"moves away with its directory");
     let key = keygen(t.path());
     let cfg = local_config(t.path(), &[&src], &key, "backup_interval: 1s\n");
     let log = t.path().join("daemon.log");
