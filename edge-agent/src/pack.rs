@@ -1,8 +1,10 @@
-//! Blob format v1 (see docs/FORMAT.md). Pure: lays out frames and parses trailers.
+//! Blob format v2 (see docs/FORMAT.md; reads v1). Pure: encodes chunks into frames, lays
+//! out frames and parses trailers.
 //!
 //! ```text
 //! blob plaintext := MAGIC || frame_1 || … || frame_n || entry_1 || … || entry_n || n:u32le || TRAILER_MAGIC
-//! frame          := one zstd frame holding exactly one chunk
+//! frame          := one zstd frame holding exactly one chunk, or (v2) the chunk as is
+//!                   when zstd would not make it smaller: then clen = ulen
 //! entry          := chunk_id[32] || offset:u64le || clen:u32le || ulen:u32le
 //! ```
 //! The whole plaintext is one age stream, so any frame can be read by decrypting only the
@@ -13,7 +15,9 @@ use std::fmt;
 
 use crate::chunk::ChunkId;
 
-pub const BLOB_MAGIC: &[u8; 8] = b"VKBLOB\x00\x01";
+pub const BLOB_MAGIC: &[u8; 8] = b"VKBLOB\x00\x02";
+/// Blobs of format 1 hold zstd frames only; they read the same way.
+const BLOB_MAGIC_V1: &[u8; 8] = b"VKBLOB\x00\x01";
 pub const TRAILER_MAGIC: &[u8; 8] = b"VKIDX\x00\x00\x01";
 pub const ENTRY_LEN: usize = 32 + 8 + 4 + 4;
 /// A blob is closed at this many chunks whatever its size, so that the entries a
@@ -139,7 +143,9 @@ pub fn parse_blob(blob: &str, plain: &[u8]) -> Result<Vec<Placement>, FormatErro
         blob: blob.to_string(),
         what: what.to_string(),
     };
-    if plain.len() < BLOB_MAGIC.len() + 12 || &plain[..8] != BLOB_MAGIC {
+    if plain.len() < BLOB_MAGIC.len() + 12
+        || (&plain[..8] != BLOB_MAGIC && &plain[..8] != BLOB_MAGIC_V1)
+    {
         return Err(bad("not a vaultik blob (bad magic)"));
     }
     let tail = &plain[plain.len() - 12..];
@@ -170,6 +176,30 @@ pub fn parse_blob(blob: &str, plain: &[u8]) -> Result<Vec<Placement>, FormatErro
         out.push(p);
     }
     Ok(out)
+}
+
+/// Chunks at least this long are sampled before zstd runs over all of them.
+const SAMPLE: usize = 64 * 1024;
+
+/// The frame for one chunk: a zstd frame, or the chunk itself when zstd would not make
+/// it smaller (already-compressed media, random data). Large chunks are judged by two
+/// samples first, so incompressible data does not pay for compressing all of it.
+pub fn encode(z: &mut zstd::bulk::Compressor<'_>, chunk: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    if chunk.len() >= 4 * SAMPLE {
+        let mid = chunk.len() / 2;
+        let head = z.compress(&chunk[..SAMPLE])?.len();
+        let middle = z.compress(&chunk[mid..mid + SAMPLE])?.len();
+        // Under 1% saved in both samples: not worth a zstd frame.
+        if head.min(middle) >= SAMPLE - SAMPLE / 100 {
+            return Ok(chunk);
+        }
+    }
+    let frame = z.compress(&chunk)?;
+    Ok(if frame.len() < chunk.len() {
+        frame
+    } else {
+        chunk
+    })
 }
 
 /// Decompresses one frame and checks it against its id and expected length.
@@ -212,6 +242,11 @@ impl FrameOpener {
         if ulen as usize > fastcdc::v2020::MAXIMUM_MAX {
             return Err(bad(format!("claims {ulen} bytes, more than any chunk")));
         }
+        // A frame as long as its chunk is the chunk stored as is; zstd may, rarely, make
+        // a frame of exactly that length too, which the hash tells apart.
+        if frame.len() == ulen as usize && self.hasher.id(frame) == expect {
+            return Ok(frame.to_vec());
+        }
         let data = self
             .z
             .decompress(frame, ulen as usize)
@@ -234,8 +269,9 @@ mod tests {
     fn build(chunks: &[&[u8]], h: &ChunkHasher) -> (Vec<u8>, Vec<Placement>) {
         let mut plain = BLOB_MAGIC.to_vec();
         let mut layout = BlobLayout::new();
+        let mut z = zstd::bulk::Compressor::new(3).unwrap();
         for c in chunks {
-            let frame = zstd::bulk::compress(c, 3).unwrap();
+            let frame = encode(&mut z, c.to_vec()).unwrap();
             layout.push(h.id(c), frame.len() as u32, c.len() as u32);
             plain.extend_from_slice(&frame);
         }
@@ -257,6 +293,74 @@ mod tests {
             let frame = &plain[p.offset as usize..(p.offset + u64::from(p.clen)) as usize];
             assert_eq!(open_frame(frame, p.ulen, p.chunk, &h).unwrap(), want);
         }
+    }
+
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn incompressible_chunks_are_stored_as_is() {
+        let h = ChunkHasher::new([3; 32]);
+        let mut z = zstd::bulk::Compressor::new(3).unwrap();
+        let text = b"a line of text, again and again\n".repeat(20_000);
+        for (chunk, raw) in [
+            (noise(1500, 1), true),
+            (noise(1 << 20, 2), true),
+            (b"short text short text short text".to_vec(), false),
+            (text.clone(), false),
+            // Random at the first sample, text at the second: compressed.
+            (
+                [noise(SAMPLE, 3), text[..SAMPLE * 3].to_vec()].concat(),
+                false,
+            ),
+        ] {
+            let frame = encode(&mut z, chunk.clone()).unwrap();
+            assert_eq!(frame == chunk, raw, "{} bytes", chunk.len());
+            assert!(frame.len() <= chunk.len());
+            let back = open_frame(&frame, chunk.len() as u32, h.id(&chunk), &h).unwrap();
+            assert_eq!(back, chunk);
+        }
+    }
+
+    #[test]
+    fn a_zstd_frame_as_long_as_its_chunk_still_decompresses() {
+        let h = ChunkHasher::new([3; 32]);
+        // Random bytes, then text: find the mix for which zstd's frame is exactly as
+        // long as the data.
+        let text = b"the quick brown fox jumps over the lazy dog ".repeat(8);
+        // (zstd keeps a compressed block only if it saves srcSize/64 + 2 bytes, which
+        // the frame's header can match only in short chunks.)
+        let chunk = (0..64)
+            .flat_map(|r| (0..text.len()).map(move |t| (r, t)))
+            .map(|(r, t)| [noise(100 + r, 9), text[..t].to_vec()].concat())
+            .find(|c| zstd::bulk::compress(c, 3).unwrap().len() == c.len())
+            .unwrap();
+        let frame = zstd::bulk::compress(&chunk, 3).unwrap();
+        let back = open_frame(&frame, chunk.len() as u32, h.id(&chunk), &h).unwrap();
+        assert_eq!(back, chunk);
+        // Damaged bytes of that length are neither the chunk nor a frame.
+        let mut bad = frame.clone();
+        bad[frame.len() / 2] ^= 1;
+        assert!(open_frame(&bad, chunk.len() as u32, h.id(&chunk), &h).is_err());
+    }
+
+    #[test]
+    fn format_1_blobs_still_parse() {
+        let h = ChunkHasher::new([3; 32]);
+        let (mut plain, entries) = build(&[b"hello hello hello hello"], &h);
+        plain[..8].copy_from_slice(BLOB_MAGIC_V1);
+        assert_eq!(parse_blob("b", &plain).unwrap(), entries);
+        plain[7] = 3;
+        assert!(parse_blob("b", &plain).is_err(), "a newer blob format");
     }
 
     #[test]

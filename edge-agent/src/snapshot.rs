@@ -1,13 +1,14 @@
 //! Snapshot identity, the small encrypted manifest that commits a snapshot, and the
-//! schema of the metadata database (format v1, see docs/FORMAT.md).
+//! schema of the metadata database (see docs/FORMAT.md).
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 /// 2 stores extended attribute values as chunks (`xattrs.chunk_id`) instead of inline
-/// (`xattrs.value`), so no value is ever plaintext on the agent's disk.
-pub const METADATA_FORMAT: u32 = 2;
+/// (`xattrs.value`), so no value is ever plaintext on the agent's disk. 3 may point at
+/// chunks stored as is (blob format 2), which readers of 2 cannot open.
+pub const METADATA_FORMAT: u32 = 3;
 /// 2 adds `agent`, the identity of the index that made the snapshot.
 pub const MANIFEST_FORMAT: u32 = 2;
 

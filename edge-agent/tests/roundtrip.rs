@@ -216,7 +216,7 @@ fn metadata_opens_with_stock_age_zstd_and_sqlite3() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
     assert!(lines[0].parse::<u32>().unwrap() >= 10, "{text}");
-    assert_eq!(lines[1], "2");
+    assert_eq!(lines[1], "3");
     // The manifest is plain age too.
     let manifest = meta.with_extension("snapshot");
     let out = Command::new("age")
@@ -228,6 +228,54 @@ fn metadata_opens_with_stock_age_zstd_and_sqlite3() {
     let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(m["format"], 2);
     assert_eq!(m["agent"].as_str().unwrap().len(), 32);
+}
+
+#[test]
+fn incompressible_chunks_are_stored_as_is_and_read_back() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    let noise = pseudo_random(3 << 20, 5);
+    let text = "a line of plain text that zstd shrinks\n".repeat(2000);
+    write_file(&src.join("noise.bin"), &noise);
+    write_file(&src.join("small-noise.bin"), &noise[..900]);
+    write_file(&src.join("text.txt"), text.as_bytes());
+    let key = keygen(t.path());
+    let cfg = local_config(t.path(), &[&src], &key, "chunk_size: 1MiB\n");
+    backup_ok(&cfg);
+
+    // The blob, opened with the stock age CLI, holds the random bytes verbatim and the
+    // text compressed.
+    let (blob, _) = common::walk(&t.path().join("repo/blobs"))
+        .into_iter()
+        .find(|(_, m)| m.is_file())
+        .unwrap();
+    let out = Command::new("age")
+        .args(["-d", "-i"])
+        .arg(&key.file)
+        .arg(&blob)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plain = out.stdout;
+    assert_eq!(&plain[..8], b"VKBLOB\0\x02");
+    let holds = |needle: &[u8]| plain.windows(needle.len()).any(|w| w == needle);
+    assert!(holds(&noise[..900]), "random bytes are stored as is");
+    assert!(holds(&noise[2 << 20..(2 << 20) + 4096]));
+    assert!(!holds(&text.as_bytes()[..200]), "text is compressed");
+    assert!(plain.len() < noise.len() + 900 + text.len() / 4);
+
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let target = t.path().join("restored");
+    let out = restore_latest(&local_repo(t.path()), "", &target, &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_tree(&src, &restored(&target, &src));
+    let out = vaultik(&["verify", &local_repo(t.path()), "", "--read-data"], &env);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
 }
 
 #[test]

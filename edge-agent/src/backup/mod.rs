@@ -692,12 +692,13 @@ fn compress_worker(
         let Ok(batch) = next else { return };
         let mut frames = Vec::with_capacity(batch.len());
         for c in batch {
-            let Ok(data) = z.compress(&c.data) else {
+            let ulen = c.data.len() as u32;
+            let Ok(data) = crate::pack::encode(&mut z, c.data) else {
                 return;
             };
             frames.push(Frame {
                 id: c.id,
-                ulen: c.data.len() as u32,
+                ulen,
                 data,
             });
         }
