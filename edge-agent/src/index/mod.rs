@@ -625,13 +625,18 @@ impl Index {
     /// references, writes `meta`, and detaches it. Returns its path for upload.
     pub fn finish_run(&mut self, meta: &[(&str, String)]) -> Result<PathBuf> {
         let e = sql_err(&self.path);
+        // The chunks the run references, sorted once into a temporary table (sorting
+        // is cheaper than building an index in random order), then joined in id order.
         self.conn
             .execute_batch(
-                "INSERT OR IGNORE INTO run.chunks
-                     SELECT * FROM main.chunks WHERE id IN (SELECT chunk_id FROM run.file_chunks)
-                         OR id IN (SELECT chunk_id FROM run.xattrs WHERE chunk_id IS NOT NULL);
-                 DELETE FROM run.chunks WHERE id NOT IN (SELECT chunk_id FROM run.file_chunks)
-                     AND id NOT IN (SELECT chunk_id FROM run.xattrs WHERE chunk_id IS NOT NULL);
+                "CREATE TEMP TABLE refs (id BLOB PRIMARY KEY) WITHOUT ROWID;
+                 INSERT OR IGNORE INTO temp.refs SELECT chunk_id FROM run.file_chunks ORDER BY 1;
+                 INSERT OR IGNORE INTO temp.refs
+                     SELECT chunk_id FROM run.xattrs WHERE chunk_id IS NOT NULL;
+                 INSERT OR IGNORE INTO run.chunks
+                     SELECT c.* FROM temp.refs r JOIN main.chunks c ON c.id = r.id;
+                 DELETE FROM run.chunks WHERE id NOT IN temp.refs;
+                 DROP TABLE temp.refs;
                  INSERT OR IGNORE INTO run.blobs
                      SELECT * FROM main.blobs WHERE id IN (SELECT blob_id FROM run.chunks);
                  INSERT OR IGNORE INTO run.blobs
@@ -715,5 +720,105 @@ impl Index {
             })
             .map_err(self.e())?;
         rows.collect::<rusqlite::Result<_>>().map_err(self.e())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pack::Placement;
+
+    fn blob(n: u8, chunks: &[ChunkId]) -> BlobDone {
+        BlobDone {
+            id: BlobId([n; 32]),
+            uploaded: Uploaded {
+                size: 100,
+                hash: [n; 32],
+            },
+            plain_size: 90,
+            payload_start: 10,
+            entries: chunks
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Placement {
+                    chunk: *c,
+                    offset: 8 + 10 * i as u64,
+                    clen: 10,
+                    ulen: 10,
+                })
+                .collect(),
+        }
+    }
+
+    fn file(index: &Index, path: &[u8]) -> i64 {
+        index
+            .insert_node(&NewNode {
+                path,
+                kind: NodeKind::File,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                size: 10,
+                mtime_ns: 1,
+                target: None,
+                stat: FileStat {
+                    dev: 1,
+                    ino: path.len() as u64,
+                    size: 10,
+                    mtime_ns: 1,
+                    ctime_ns: 1,
+                },
+            })
+            .unwrap()
+    }
+
+    fn chunk_ids(db: &Path) -> Vec<(Vec<u8>, String)> {
+        let c = Connection::open(db).unwrap();
+        let mut q = c
+            .prepare("SELECT id, blob_id FROM chunks ORDER BY id")
+            .unwrap();
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_run_keeps_exactly_the_chunks_its_files_reference() {
+        let t = tempfile::tempdir().unwrap();
+        let mut index = Index::open(&t.path().join("index.sqlite")).unwrap();
+        let [used, unused, kept] = [1u8, 2, 3].map(|n| ChunkId([n; 32]));
+        index.begin_run().unwrap();
+        let a = file(&index, b"a");
+        index.record_blob(&blob(7, &[used, unused, kept])).unwrap();
+        index.add_file_chunk(a, 0, 0, &used).unwrap();
+        let b = file(&index, b"bb");
+        index.add_file_chunk(b, 0, 0, &kept).unwrap();
+        let db = index.finish_run(&[]).unwrap();
+        let blob7 = BlobId([7; 32]).to_hex();
+        assert_eq!(
+            chunk_ids(&db),
+            [
+                (used.0.to_vec(), blob7.clone()),
+                (kept.0.to_vec(), blob7.clone())
+            ],
+            "a chunk no file references is dropped"
+        );
+        index.commit_snapshot("s1", 1).unwrap();
+
+        // The next run reuses one file's chunk list: where its chunk lives comes along.
+        index.begin_run().unwrap();
+        let b2 = file(&index, b"bb");
+        let old: i64 = index
+            .conn
+            .query_row(
+                "SELECT node_id FROM main.files WHERE path = x'6262'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        index.reuse_chunks(old, b2).unwrap();
+        let db = index.finish_run(&[]).unwrap();
+        assert_eq!(chunk_ids(&db), [(kept.0.to_vec(), blob7)]);
     }
 }
