@@ -11,12 +11,6 @@ fn backup(cfg: &std::path::Path, extra: &[&str]) -> std::process::Output {
     vaultik(&args, &[])
 }
 
-fn last_summary(dir: &std::path::Path, key: &Key) -> serde_json::Value {
-    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
-    let list = snapshot_list(&local_repo(dir), "", &env);
-    list.last().unwrap()["summary"].clone()
-}
-
 fn restore_latest_matches(dir: &std::path::Path, key: &Key, src: &std::path::Path, name: &str) {
     let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
     let target = dir.join(name);

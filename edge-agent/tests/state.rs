@@ -94,3 +94,46 @@ fn agent_verify_changes_nothing_and_needs_a_snapshot() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read(&index).unwrap(), before);
 }
+
+#[test]
+fn a_damaged_previous_snapshot_only_costs_an_upload() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src").tap_mkdir();
+    std::fs::write(src.join("a.bin"), pseudo_random(300_000, 4)).unwrap();
+    std::fs::write(src.join("b.txt"), b"small").unwrap();
+    let key = keygen(t.path());
+    let cfg = local_config(t.path(), &[&src], &key, "");
+    backup_ok(&cfg);
+    let first = last_summary(t.path(), &key);
+    // Unchanged: nothing new.
+    backup_ok(&cfg);
+    assert_eq!(last_summary(t.path(), &key)["new_chunks"], 0);
+
+    let prev = t.path().join("state/index.sqlite-prev");
+    // Its first pages (the header, `meta`) stay intact: only a full check finds this.
+    let mut bytes = std::fs::read(&prev).unwrap();
+    let half = bytes.len() / 2;
+    for b in &mut bytes[half..] {
+        *b = 0x5a;
+    }
+    std::fs::write(&prev, bytes).unwrap();
+    let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("is damaged"), "{err}");
+    let s = last_summary(t.path(), &key);
+    assert_eq!(
+        s["new_chunks"], first["new_chunks"],
+        "read and uploaded again: {s}"
+    );
+    assert_eq!(s["bytes_read"], first["bytes_read"], "{s}");
+
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let target = t.path().join("restored");
+    let out = restore_latest(&local_repo(t.path()), "", &target, &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_tree(&src, &restored(&target, &src));
+    // And the next run deduplicates against it again.
+    backup_ok(&cfg);
+    assert_eq!(last_summary(t.path(), &key)["new_chunks"], 0);
+}

@@ -1,11 +1,10 @@
-//! Partial scans: the run starts as a copy of the newest snapshot's metadata (kept
-//! beside the index as `<index>-prev`), and the backup replaces only the entries of
-//! the directories that changed.
+//! Partial scans: the run starts as a copy of the previous snapshot (`previous`), and
+//! the backup replaces only the entries of the directories that changed.
 
 use rusqlite::{OptionalExtension, params};
 
 use super::{FileStat, Index};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// What the carried-over snapshot must share with this run for its entries to stand.
 pub struct CarryKey<'a> {
@@ -37,34 +36,20 @@ fn below(dir: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
 }
 
 impl Index {
-    /// Drops the kept metadata of the newest snapshot: it no longer matches the index.
-    pub(super) fn forget_previous(&self) -> Result<()> {
-        match std::fs::remove_file(&self.prev_path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("removing", &self.prev_path, e)),
-        }
-    }
-
-    /// Fills the run (just begun) with every entry of the newest snapshot, when its
-    /// kept metadata is that snapshot's and was made from the same sources and
-    /// excludes. False, and the run stays empty, otherwise.
+    /// Fills the run (just begun) with every entry of the newest snapshot, when `prev`
+    /// is that snapshot and was made from the same sources and excludes. False, and
+    /// the run stays empty, otherwise.
     pub fn carry_previous(&self, key: &CarryKey<'_>) -> Result<bool> {
-        if !self.prev_path.exists() {
-            return Ok(false);
-        }
-        let prev = self.prev_path.to_string_lossy().into_owned();
         self.conn
-            .execute_batch("COMMIT")
-            .and_then(|_| self.conn.execute("ATTACH DATABASE ?1 AS prev", [prev]))
+            .execute_batch("SAVEPOINT carry")
             .map_err(self.e())?;
         let carried = self.copy_previous(key);
         let closed = self
             .conn
             .execute_batch(if matches!(carried, Ok(true)) {
-                "COMMIT; DETACH DATABASE prev; BEGIN"
+                "RELEASE carry"
             } else {
-                "ROLLBACK; DETACH DATABASE prev; BEGIN"
+                "ROLLBACK TO carry; RELEASE carry"
             })
             .map_err(self.e());
         // A damaged copy only costs a full scan.
@@ -74,7 +59,6 @@ impl Index {
     }
 
     fn copy_previous(&self, key: &CarryKey<'_>) -> Result<bool> {
-        self.conn.execute_batch("BEGIN").map_err(self.e())?;
         let meta = |k: &str| -> Result<Option<String>> {
             self.conn
                 .query_row("SELECT value FROM prev.meta WHERE key = ?1", [k], |r| {

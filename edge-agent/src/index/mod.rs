@@ -1,12 +1,15 @@
-//! The agent's local SQLite index: what its newest completed snapshot contains (files with
-//! their stat data and chunk lists, and where each chunk lives), used to skip unchanged
-//! files and to deduplicate. During a backup the new snapshot's metadata database (the
-//! "run database") is attached as `run` and filled; on success it replaces the index.
+//! The agent's local SQLite index: settings, the snapshots it made, and blobs of an
+//! interrupted run. Its newest completed snapshot's metadata database is kept beside it
+//! and attached as `prev` (files with their stat data and chunk lists, and where each
+//! chunk lives), used to skip unchanged files and to deduplicate. During a backup the
+//! new snapshot's metadata database (the "run database") is attached as `run` and
+//! filled; once its manifest is uploaded it becomes `prev` (a rename).
 //!
 //! Dedup is only against chunks of the agent's own newest completed snapshot and of the
 //! run in progress: those blobs are never pruned (docs/FORMAT.md, "Prune safety").
 
 mod carry;
+mod previous;
 pub use carry::{CarryKey, RunTotals};
 
 use std::path::{Path, PathBuf};
@@ -16,20 +19,11 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::pack::{BlobId, Placement};
-use crate::snapshot::{AgentId, CHUNK_SCHEMA, NodeKind, metadata_schema};
+use crate::snapshot::{AgentId, NodeKind, metadata_schema};
 use crate::store::Uploaded;
 
 const INDEX_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS files (
-    path BLOB PRIMARY KEY,
-    node_id INTEGER NOT NULL,
-    dev INTEGER NOT NULL,
-    ino INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    ctime_ns INTEGER NOT NULL
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots (id TEXT PRIMARY KEY, time_unix_ns INTEGER NOT NULL);
 -- Blobs uploaded by a run that has not completed (yet): reused by the next run if young.
 CREATE TABLE IF NOT EXISTS partial_blobs (
@@ -95,8 +89,9 @@ pub struct Index {
     conn: Connection,
     path: PathBuf,
     run_path: PathBuf,
-    /// The newest snapshot's metadata database, kept for partial scans (`carry`).
+    /// The newest snapshot's metadata database, attached as `prev` (`previous`).
     prev_path: PathBuf,
+    read_only: bool,
     /// Whether the previous snapshot, and young blobs of an interrupted run, have
     /// chunks to deduplicate against: a first backup then skips both lookups per chunk.
     dedup_prev: bool,
@@ -151,8 +146,25 @@ fn open_checked(path: &Path) -> std::result::Result<Connection, rusqlite::Error>
         ));
     }
     conn.execute_batch(INDEX_SCHEMA)?;
-    conn.execute_batch(CHUNK_SCHEMA)?;
+    drop_copied_tables(&conn)?;
     Ok(conn)
+}
+
+/// Indexes made before the previous snapshot was used in place held copies of its
+/// tables: dropped, and the file compacted, once.
+fn drop_copied_tables(conn: &Connection) -> rusqlite::Result<()> {
+    let old: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM main.sqlite_schema WHERE name = 'file_chunks')",
+        [],
+        |r| r.get(0),
+    )?;
+    if old {
+        conn.execute_batch(
+            "DROP TABLE IF EXISTS main.files; DROP TABLE IF EXISTS main.file_chunks;
+             DROP TABLE IF EXISTS main.chunks; DROP TABLE IF EXISTS main.blobs; VACUUM;",
+        )?;
+    }
+    Ok(())
 }
 
 fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -223,11 +235,13 @@ impl Index {
             }
             Err(reason) => return Err(sql_err(path)(reason)),
         };
-        Ok(Index {
+        let mut index = Index {
             notices,
             _lock: Some(lock),
             ..Index::over(conn, path)
-        })
+        };
+        index.attach_previous(true)?;
+        Ok(index)
     }
 
     /// An index over `conn`, with the paths beside `path`, no notices and no lock.
@@ -237,6 +251,7 @@ impl Index {
             path: path.to_path_buf(),
             run_path: beside(path, "-run"),
             prev_path: beside(path, "-prev"),
+            read_only: false,
             dedup_prev: false,
             dedup_salvage: false,
             notices: Vec::new(),
@@ -248,7 +263,12 @@ impl Index {
     pub fn open_read_only(path: &Path) -> Result<Self> {
         let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(sql_err(path))?;
-        Ok(Index::over(conn, path))
+        let mut index = Index {
+            read_only: true,
+            ..Index::over(conn, path)
+        };
+        index.attach_previous(false)?;
+        Ok(index)
     }
 
     fn e(&self) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -353,10 +373,7 @@ impl Index {
         if let Some(pending) = self.setting("pending_manifest")? {
             let id = pending.split(' ').next().unwrap_or_default().to_string();
             self.conn
-                .execute_batch(
-                    "BEGIN; DELETE FROM files; DELETE FROM file_chunks; DELETE FROM chunks;
-                     DELETE FROM blobs; DELETE FROM settings WHERE key = 'pending_manifest'; COMMIT;",
-                )
+                .execute_batch("DELETE FROM settings WHERE key = 'pending_manifest'")
                 .map_err(self.e())?;
             self.forget_previous()?;
             self.notices.push(format!(
@@ -376,7 +393,7 @@ impl Index {
                     .execute("DELETE FROM partial_blobs WHERE uploaded_ns < ?1", [cutoff])
             })
             .map_err(self.e())?;
-        self.dedup_prev = self.any("main.chunks")?;
+        self.dedup_prev = self.any("prev.chunks")?;
         self.dedup_salvage = self.any("main.partial_chunks")?;
         for suffix in ["", "-journal"] {
             let mut p = self.run_path.as_os_str().to_owned();
@@ -408,9 +425,11 @@ impl Index {
     /// Bytes of file content in the previous snapshot, if there is one.
     pub fn last_snapshot_bytes(&self) -> Result<Option<u64>> {
         self.conn
-            .query_row("SELECT count(*), total(size) FROM main.files", [], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?))
-            })
+            .query_row(
+                "SELECT count(*), total(size) FROM prev.nodes WHERE kind = 'file'",
+                [],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?)),
+            )
             .map(|(n, total)| (n > 0).then_some(total as u64))
             .map_err(self.e())
     }
@@ -418,7 +437,8 @@ impl Index {
     pub fn prev_file(&self, path: &[u8]) -> Result<Option<(i64, FileStat)>> {
         self.conn
             .prepare_cached(
-                "SELECT node_id, dev, ino, size, mtime_ns, ctime_ns FROM main.files WHERE path = ?1",
+                "SELECT id, dev, ino, size, mtime_ns, ctime_ns FROM prev.nodes
+                 WHERE path = ?1 AND kind = 'file'",
             )
             .and_then(|mut s| {
                 s.query_row([path], |r| {
@@ -513,7 +533,7 @@ impl Index {
         self.conn
             .prepare_cached(
                 "INSERT INTO run.file_chunks (node_id, seq, offset, chunk_id)
-                 SELECT ?2, seq, offset, chunk_id FROM main.file_chunks WHERE node_id = ?1",
+                 SELECT ?2, seq, offset, chunk_id FROM prev.file_chunks WHERE node_id = ?1",
             )
             .and_then(|mut s| s.execute(params![old_node, new_node]))
             .map(|_| ())
@@ -545,7 +565,7 @@ impl Index {
         for (wanted, copy) in [
             (
                 self.dedup_prev,
-                "INSERT OR IGNORE INTO run.chunks SELECT * FROM main.chunks WHERE id = ?1",
+                "INSERT OR IGNORE INTO run.chunks SELECT * FROM prev.chunks WHERE id = ?1",
             ),
             (
                 self.dedup_salvage,
@@ -634,11 +654,11 @@ impl Index {
                  INSERT OR IGNORE INTO temp.refs
                      SELECT chunk_id FROM run.xattrs WHERE chunk_id IS NOT NULL;
                  INSERT OR IGNORE INTO run.chunks
-                     SELECT c.* FROM temp.refs r JOIN main.chunks c ON c.id = r.id;
+                     SELECT c.* FROM temp.refs r JOIN prev.chunks c ON c.id = r.id;
                  DELETE FROM run.chunks WHERE id NOT IN temp.refs;
                  DROP TABLE temp.refs;
                  INSERT OR IGNORE INTO run.blobs
-                     SELECT * FROM main.blobs WHERE id IN (SELECT blob_id FROM run.chunks);
+                     SELECT * FROM prev.blobs WHERE id IN (SELECT blob_id FROM run.chunks);
                  INSERT OR IGNORE INTO run.blobs
                      SELECT id, size, plain_size, payload_start, hash FROM main.partial_blobs
                      WHERE id IN (SELECT blob_id FROM run.chunks);",
@@ -673,23 +693,13 @@ impl Index {
 
     /// Makes the uploaded snapshot the index's reference for the next run.
     pub fn commit_snapshot(&mut self, id: &str, time_unix_ns: i64) -> Result<()> {
-        let run = self.run_path.to_string_lossy().into_owned();
+        // The run database becomes the previous snapshot first: until the index records
+        // the snapshot, `pending_manifest` keeps it from being used (`previous`).
+        self.keep_run_as_previous()?;
         let e = sql_err(&self.path);
-        self.conn
-            .execute("ATTACH DATABASE ?1 AS run", [run])
-            .map_err(&e)?;
         self.conn
             .execute_batch(
                 "BEGIN;
-                 DELETE FROM main.files;
-                 DELETE FROM main.file_chunks;
-                 DELETE FROM main.chunks;
-                 DELETE FROM main.blobs;
-                 INSERT INTO main.files SELECT path, id, dev, ino, size, mtime_ns, ctime_ns
-                     FROM run.nodes WHERE kind = 'file';
-                 INSERT INTO main.file_chunks SELECT * FROM run.file_chunks;
-                 INSERT INTO main.chunks SELECT * FROM run.chunks;
-                 INSERT INTO main.blobs SELECT * FROM run.blobs;
                  DELETE FROM main.partial_chunks;
                  DELETE FROM main.partial_blobs;
                  DELETE FROM main.settings WHERE key = 'pending_manifest';",
@@ -701,18 +711,15 @@ impl Index {
                 params![id, time_unix_ns],
             )
             .map_err(&e)?;
-        self.conn
-            .execute_batch("COMMIT; DETACH DATABASE run")
-            .map_err(&e)?;
-        std::fs::rename(&self.run_path, &self.prev_path)
-            .map_err(|err| Error::io("keeping the run database", &self.run_path, err))
+        self.conn.execute_batch("COMMIT").map_err(e)?;
+        self.attach_previous(false)
     }
 
     /// Blobs referenced by the newest completed snapshot, with their sizes.
     pub fn blob_sizes(&self) -> Result<Vec<(String, u64)>> {
         let mut q = self
             .conn
-            .prepare("SELECT id, size FROM main.blobs")
+            .prepare("SELECT id, size FROM prev.blobs")
             .map_err(self.e())?;
         let rows = q
             .query_map([], |r| {
@@ -794,7 +801,7 @@ mod tests {
         index.add_file_chunk(a, 0, 0, &used).unwrap();
         let b = file(&index, b"bb");
         index.add_file_chunk(b, 0, 0, &kept).unwrap();
-        let db = index.finish_run(&[]).unwrap();
+        let db = index.finish_run(&[("snapshot_id", "s1".into())]).unwrap();
         let blob7 = BlobId([7; 32]).to_hex();
         assert_eq!(
             chunk_ids(&db),
@@ -811,11 +818,9 @@ mod tests {
         let b2 = file(&index, b"bb");
         let old: i64 = index
             .conn
-            .query_row(
-                "SELECT node_id FROM main.files WHERE path = x'6262'",
-                [],
-                |r| r.get(0),
-            )
+            .query_row("SELECT id FROM prev.nodes WHERE path = x'6262'", [], |r| {
+                r.get(0)
+            })
             .unwrap();
         index.reuse_chunks(old, b2).unwrap();
         let db = index.finish_run(&[]).unwrap();

@@ -295,6 +295,13 @@ pub fn backup_ok(cfg: &Path) {
 }
 
 /// `vaultik snapshots --json`, which must succeed.
+/// The summary of the newest snapshot in the local repository under `dir`.
+pub fn last_summary(dir: &Path, key: &Key) -> serde_json::Value {
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let list = snapshot_list(&local_repo(dir), "", &env);
+    list.last().unwrap()["summary"].clone()
+}
+
 pub fn snapshot_list(bucket: &str, prefix: &str, env: &[(&str, &str)]) -> Vec<serde_json::Value> {
     let out = vaultik(&["snapshots", bucket, prefix, "--json"], env);
     assert!(out.status.success(), "snapshots: {}", stderr(&out));

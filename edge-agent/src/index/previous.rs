@@ -1,0 +1,115 @@
+//! The previous snapshot: the metadata database of the agent's newest completed
+//! snapshot, kept beside the index as `<index>-prev` and attached as `prev`. It is
+//! what unchanged files are recognised by and what chunks are deduplicated against.
+//! When it is missing, damaged, or not the newest snapshot the index knows, an empty
+//! in-memory database stands in: everything is read and uploaded again.
+
+use rusqlite::OptionalExtension;
+
+use super::Index;
+use crate::error::{Error, Result};
+use crate::snapshot::metadata_schema;
+
+impl Index {
+    /// Attaches the previous snapshot as `prev` (outside a transaction). `check` runs
+    /// SQLite's quick check on it first; one that fails it is forgotten, with a notice.
+    pub(super) fn attach_previous(&mut self, check: bool) -> Result<()> {
+        if self.prev_path.exists() {
+            let prev = self.prev_path.to_string_lossy().into_owned();
+            self.conn
+                .execute("ATTACH DATABASE ?1 AS prev", [prev])
+                .map_err(self.e())?;
+            match self.previous_is_usable(check) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(reason) => self.notices.push(format!(
+                    "warning: the kept copy of the newest snapshot's metadata ({}) is damaged ({reason}); this backup reads and uploads everything again",
+                    self.prev_path.display()
+                )),
+            }
+            self.conn
+                .execute_batch("DETACH DATABASE prev")
+                .map_err(self.e())?;
+            if !self.read_only {
+                self.remove_previous()?;
+            }
+        }
+        self.attach_empty()
+    }
+
+    fn remove_previous(&self) -> Result<()> {
+        match std::fs::remove_file(&self.prev_path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("removing", &self.prev_path, e)),
+        }
+    }
+
+    /// True when `prev` is intact and is the newest snapshot the index knows, and no
+    /// manifest is pending (that snapshot may or may not exist).
+    fn previous_is_usable(&self, check: bool) -> rusqlite::Result<bool> {
+        if check {
+            let ok: String = self
+                .conn
+                .query_row("PRAGMA prev.quick_check", [], |r| r.get(0))?;
+            if ok != "ok" {
+                return Err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+                    Some(ok),
+                ));
+            }
+        }
+        let pending: bool = self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM main.settings WHERE key = 'pending_manifest')",
+            [],
+            |r| r.get(0),
+        )?;
+        let newest: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT id FROM main.snapshots ORDER BY time_unix_ns DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let id: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT value FROM prev.meta WHERE key = 'snapshot_id'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(!pending && newest.is_some() && id == newest)
+    }
+
+    /// No previous snapshot: an empty one in memory, so queries need no special case.
+    fn attach_empty(&self) -> Result<()> {
+        let schema = metadata_schema().replace("IF NOT EXISTS ", "IF NOT EXISTS prev.");
+        let schema = schema.replace("ON prev.nodes", "ON nodes");
+        self.conn
+            .execute("ATTACH DATABASE ':memory:' AS prev", [])
+            .and_then(|_| self.conn.execute_batch(&schema))
+            .map_err(self.e())
+    }
+
+    /// Drops the previous snapshot: it no longer matches the index (outside a
+    /// transaction).
+    pub(super) fn forget_previous(&self) -> Result<()> {
+        self.conn
+            .execute_batch("DETACH DATABASE prev")
+            .map_err(self.e())?;
+        self.remove_previous()?;
+        self.attach_empty()
+    }
+
+    /// Makes the run database (detached, complete, its manifest uploaded) the previous
+    /// snapshot: a rename.
+    pub(super) fn keep_run_as_previous(&self) -> Result<()> {
+        self.conn
+            .execute_batch("DETACH DATABASE prev")
+            .map_err(self.e())?;
+        std::fs::rename(&self.run_path, &self.prev_path)
+            .map_err(|err| Error::io("keeping the run database", &self.run_path, err))
+    }
+}
