@@ -597,47 +597,39 @@ impl Index {
 
     pub fn record_blob(&self, b: &BlobDone) -> Result<()> {
         let id = b.id.to_hex();
-        self.conn
-            .prepare_cached(
-                "INSERT INTO run.blobs (id, size, plain_size, payload_start, hash) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    id,
-                    b.uploaded.size as i64,
-                    b.plain_size as i64,
-                    b.payload_start as i64,
-                    &b.uploaded.hash[..]
-                ])
-            })
-            .map_err(self.e())?;
-        let mut s = self
-            .conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO run.chunks (id, blob_id, offset, clen, ulen) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .map_err(self.e())?;
-        for p in &b.entries {
-            s.execute(params![&p.chunk.0[..], id, p.offset as i64, p.clen, p.ulen])
-                .map_err(self.e())?;
-        }
-        drop(s);
+        let (size, plain, start) = (
+            b.uploaded.size as i64,
+            b.plain_size as i64,
+            b.payload_start as i64,
+        );
+        let hash = &b.uploaded.hash[..];
         // Also remembered outside the run database, so that a run killed after this
         // point does not upload the blob again.
         self.conn
-            .execute(
-                "INSERT OR IGNORE INTO main.partial_blobs
-                 SELECT id, size, plain_size, payload_start, hash, ?2 FROM run.blobs WHERE id = ?1",
-                params![id, now_ns()],
-            )
+            .prepare_cached("INSERT INTO run.blobs VALUES (?1, ?2, ?3, ?4, ?5)")
+            .and_then(|mut s| s.execute(params![id, size, plain, start, hash]))
             .and_then(|_| {
-                self.conn.execute(
-                    "INSERT OR IGNORE INTO main.partial_chunks
-                     SELECT * FROM run.chunks WHERE blob_id = ?1",
-                    [&id],
+                self.conn.prepare_cached(
+                    "INSERT OR IGNORE INTO main.partial_blobs VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )
             })
+            .and_then(|mut s| s.execute(params![id, size, plain, start, hash, now_ns()]))
             .map_err(self.e())?;
+        // In id order, each page of the two chunk tables is written once per blob.
+        let mut entries: Vec<&Placement> = b.entries.iter().collect();
+        entries.sort_unstable_by_key(|p| p.chunk.0);
+        for table in ["run.chunks", "main.partial_chunks"] {
+            let mut s = self
+                .conn
+                .prepare_cached(&format!(
+                    "INSERT OR IGNORE INTO {table} (id, blob_id, offset, clen, ulen) VALUES (?1, ?2, ?3, ?4, ?5)"
+                ))
+                .map_err(self.e())?;
+            for p in &entries {
+                s.execute(params![&p.chunk.0[..], id, p.offset as i64, p.clen, p.ulen])
+                    .map_err(self.e())?;
+            }
+        }
         self.checkpoint()
     }
 
