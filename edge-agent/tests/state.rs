@@ -137,3 +137,25 @@ fn a_damaged_previous_snapshot_only_costs_an_upload() {
     backup_ok(&cfg);
     assert_eq!(last_summary(t.path(), &key)["new_chunks"], 0);
 }
+
+#[test]
+fn the_index_keeps_no_copy_of_the_snapshot() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src").tap_mkdir();
+    for i in 0..4000 {
+        std::fs::write(src.join(format!("f{i}")), format!("file number {i}\n")).unwrap();
+    }
+    let key = keygen(t.path());
+    let cfg = local_config(t.path(), &[&src], &key, "");
+    backup_ok(&cfg);
+    let size = |name: &str| {
+        std::fs::metadata(t.path().join("state").join(name))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    // The snapshot's metadata (4000 files, chunk lists, chunk rows) is kept once, as
+    // `-prev`; the index itself gives back the space the run's salvage rows took.
+    assert!(size("index.sqlite-prev") > 400_000, "{}", size("index.sqlite-prev"));
+    let index = size("index.sqlite") + size("index.sqlite-wal");
+    assert!(index < 100_000, "the index takes {index} bytes");
+}

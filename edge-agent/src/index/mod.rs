@@ -137,7 +137,6 @@ fn set_aside(path: &Path, reason: &rusqlite::Error) -> Result<String> {
 fn open_checked(path: &Path) -> std::result::Result<Connection, rusqlite::Error> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
     let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
     if check != "ok" {
         return Err(rusqlite::Error::SqliteFailure(
@@ -145,9 +144,25 @@ fn open_checked(path: &Path) -> std::result::Result<Connection, rusqlite::Error>
             Some(check),
         ));
     }
+    shrinkable(&conn)?;
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
     conn.execute_batch(INDEX_SCHEMA)?;
     drop_copied_tables(&conn)?;
     Ok(conn)
+}
+
+/// The salvage tables fill with every chunk of a run and empty when it commits: with
+/// incremental auto-vacuum (`Index::shrink`) the file gives that space back.
+fn shrinkable(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("PRAGMA journal_size_limit = 4194304")?;
+    let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+    if mode != 2 {
+        // VACUUM cannot change it in WAL mode (set again by the caller).
+        conn.execute_batch(
+            "PRAGMA journal_mode = DELETE; PRAGMA auto_vacuum = INCREMENTAL; VACUUM;",
+        )?;
+    }
+    Ok(())
 }
 
 /// Indexes made before the previous snapshot was used in place held copies of its
@@ -704,7 +719,22 @@ impl Index {
             )
             .map_err(&e)?;
         self.conn.execute_batch("COMMIT").map_err(e)?;
+        self.shrink()?;
         self.attach_previous(false)
+    }
+
+    /// Gives back the pages the salvage tables no longer use, and empties the WAL.
+    fn shrink(&self) -> Result<()> {
+        // Each step of incremental_vacuum frees a page: run it to the end.
+        let mut q = self
+            .conn
+            .prepare("PRAGMA main.incremental_vacuum")
+            .map_err(self.e())?;
+        let mut rows = q.query([]).map_err(self.e())?;
+        while rows.next().map_err(self.e())?.is_some() {}
+        self.conn
+            .query_row("PRAGMA main.wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(self.e())
     }
 
     /// Blobs referenced by the newest completed snapshot, with their sizes.
