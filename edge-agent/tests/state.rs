@@ -155,7 +155,11 @@ fn the_index_keeps_no_copy_of_the_snapshot() {
     };
     // The snapshot's metadata (4000 files, chunk lists, chunk rows) is kept once, as
     // `-prev`; the index itself gives back the space the run's salvage rows took.
-    assert!(size("index.sqlite-prev") > 400_000, "{}", size("index.sqlite-prev"));
+    assert!(
+        size("index.sqlite-prev") > 400_000,
+        "{}",
+        size("index.sqlite-prev")
+    );
     let index = size("index.sqlite") + size("index.sqlite-wal");
     assert!(index < 100_000, "the index takes {index} bytes");
 }
