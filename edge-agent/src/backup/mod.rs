@@ -237,16 +237,17 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     let walk_due = index
         .last_walk_ns()?
         .is_none_or(|t| is_due(started_ns, t, WALK_EVERY));
-    let changed = match &opts.scope {
-        Scope::Changed(c) if !rehash && !walk_due && c.roots == roots.paths => {
-            let key = CarryKey {
-                format: &METADATA_FORMAT.to_string(),
-                source_dirs: &source_json,
-                excludes: &exclude_json,
-            };
-            index.carry_previous(&key)?.then_some(&c.dirs)
-        }
-        _ => None,
+    // Unless every file is to be read again, the run starts as the previous snapshot
+    // and the walk visits only what changed.
+    let key = CarryKey {
+        format: &METADATA_FORMAT.to_string(),
+        source_dirs: &source_json,
+        excludes: &exclude_json,
+    };
+    let plan = match &opts.scope {
+        _ if rehash || !index.carry_previous(&key)? => Plan::Walk,
+        Scope::Changed(c) if !walk_due && c.roots == roots.paths => Plan::Changed(&c.dirs),
+        _ => Plan::Carried,
     };
     let mut walk_skipped = Vec::new();
     let mut visit = |e| {
@@ -264,14 +265,14 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         opts.progress.warn(&line);
         walk_skipped.push(line);
     };
-    let (walked, rescanned) = match changed {
-        Some(dirs) => match PartialWalk::new(&index, &excludes, &mut visit, &mut warn)
-            .run(&roots.paths, dirs)
-        {
+    let partial = PartialWalk::new(&index, &excludes, &mut visit, &mut warn);
+    let (walked, rescanned) = match plan {
+        Plan::Changed(dirs) => match partial.run(&roots.paths, dirs) {
             Ok(n) => (Ok(()), Some(n)),
             Err(e) => (Err(e), None),
         },
-        None => (walk(&roots.paths, &excludes, visit, warn), None),
+        Plan::Carried => (partial.run_full(&roots.paths).map(|_| ()), None),
+        Plan::Walk => (walk(&roots.paths, &excludes, visit, warn), None),
     };
     drop(ahead);
     // Closing the chunk queue lets the workers and then the packer drain and stop.
@@ -299,7 +300,7 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         )));
     }
     let mut summary = scan.summary;
-    if rescanned.is_some() {
+    if !matches!(plan, Plan::Walk) {
         carried_totals(&mut summary, &index.run_totals()?);
     }
     let mut skipped = walk_skipped;
@@ -367,6 +368,18 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         hostname,
         rescanned,
     })
+}
+
+/// How a run finds what changed.
+#[derive(Clone, Copy)]
+enum Plan<'s> {
+    /// Walk and visit everything.
+    Walk,
+    /// The run carries the previous snapshot over; list every directory, visit what
+    /// changed.
+    Carried,
+    /// The run carries the previous snapshot over; list these directories (a watcher's).
+    Changed(&'s std::collections::BTreeSet<std::path::PathBuf>),
 }
 
 /// True when `every` has passed since `last`, or `last` lies in the future (the

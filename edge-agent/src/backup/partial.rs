@@ -44,9 +44,15 @@ pub(super) struct PartialWalk<'a, 'v> {
     walked: Vec<PathBuf>,
     /// Files to read again at the end (hard links whose other names moved or changed).
     again: BTreeSet<Vec<u8>>,
-    /// Directories listed again already.
+    /// Directories listed again already (in a full rescan, only the roots: each other
+    /// directory is reached once, from its parent).
     listed: HashSet<PathBuf>,
+    /// How many directories were listed.
+    count: usize,
     roots: Vec<PathBuf>,
+    /// Every directory is listed, and an entry whose stat data is unchanged stays as
+    /// carried over instead of being visited again.
+    full: bool,
 }
 
 impl<'a, 'v> PartialWalk<'a, 'v> {
@@ -64,8 +70,19 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
             walked: Vec::new(),
             again: BTreeSet::new(),
             listed: HashSet::new(),
+            count: 0,
             roots: Vec::new(),
+            full: false,
         }
+    }
+
+    /// Lists every directory under `roots`, visiting only entries that are new or
+    /// whose stat data changed: a full walk over a run that carries the previous
+    /// snapshot over.
+    pub fn run_full(mut self, roots: &[PathBuf]) -> Result<usize> {
+        self.full = true;
+        let roots: BTreeSet<PathBuf> = normalize_roots(roots).into_iter().collect();
+        self.run(&roots.iter().cloned().collect::<Vec<_>>(), &roots)
     }
 
     /// Rescans `changed` under `roots`; returns how many directories were listed.
@@ -84,7 +101,7 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
         for rel in std::mem::take(&mut self.again) {
             self.read_again(&rel)?;
         }
-        Ok(self.listed.len())
+        Ok(self.count)
     }
 
     /// True when the directory holding `path` is a root or a directory of the run.
@@ -133,7 +150,7 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
             return Ok(());
         };
         match before {
-            Some(b) if same_dir(&b, &meta) => Ok(()),
+            Some(b) if same_stat(&b, &meta, false) => Ok(()),
             Some(b) if b.dev == meta.dev() && b.ino == meta.ino() => self.rescan(root),
             _ if root.as_os_str().len() > 1 => self.walk_anew(root, relative_bytes(root)),
             _ => self.rescan(root),
@@ -190,10 +207,11 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
     /// Lists `dir` again: its own entry, and each entry in it. Entries that are gone
     /// leave with their subtrees.
     fn rescan(&mut self, dir: &Path) -> Result<()> {
-        if !self.listed.insert(dir.to_path_buf()) {
+        let is_root = self.roots.iter().any(|r| r == dir);
+        if (!self.full || is_root) && !self.listed.insert(dir.to_path_buf()) {
             return Ok(());
         }
-        let is_root = self.roots.iter().any(|r| r == dir);
+        self.count += 1;
         let rel = relative_bytes(dir).to_vec();
         let before: HashMap<Vec<u8>, String> = self.index.run_children(&rel)?.into_iter().collect();
         match std::fs::symlink_metadata(dir) {
@@ -246,18 +264,25 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
             if let Some(b) = before.filter(|b| b.dev == meta.dev() && b.ino == meta.ino()) {
                 // The same directory: its entries are carried over, unless its own
                 // listing changed (events made before a new directory was watched).
-                let changed = !same_dir(&b, &meta);
+                let changed = !same_stat(&b, &meta, false);
                 self.index.remove_path(rel)?;
                 (self.visit)(Entry {
                     path: abs.to_path_buf(),
                     meta,
                 })?;
-                return if changed { self.rescan(abs) } else { Ok(()) };
+                return if changed || self.full {
+                    self.rescan(abs)
+                } else {
+                    Ok(())
+                };
             }
         }
         if meta.is_dir() {
             // New here, or another directory under the old name.
             return self.walk_anew(abs, rel);
+        }
+        if self.full && self.unchanged(rel, was, &meta)? {
+            return Ok(());
         }
         self.index.remove_subtree(rel)?;
         if meta.is_file() && meta.nlink() > 1 {
@@ -274,12 +299,30 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
     }
 }
 
-/// True when a directory's stat data is what the run holds for it (directories are
-/// stored with size 0, so the size is not compared).
-fn same_dir(before: &FileStat, meta: &std::fs::Metadata) -> bool {
+impl PartialWalk<'_, '_> {
+    /// True when a file, symlink or hard link is as the run holds it: same device,
+    /// inode, size, modification and change time (a change of content, mode, owner,
+    /// link count or extended attributes moves the change time).
+    fn unchanged(&self, rel: &[u8], was: Option<&str>, meta: &std::fs::Metadata) -> Result<bool> {
+        let sized = match was {
+            Some("file") => true,
+            Some("symlink" | "hardlink") => false,
+            _ => return Ok(false),
+        };
+        Ok(self
+            .index
+            .run_stat(rel)?
+            .is_some_and(|b| same_stat(&b, meta, sized)))
+    }
+}
+
+/// True when stat data is what the run holds for an entry. Only regular files are
+/// stored with their size (directories, symlinks and hard links with 0).
+fn same_stat(before: &FileStat, meta: &std::fs::Metadata, sized: bool) -> bool {
     let now = super::stat_of(meta);
     (before.dev, before.ino, before.mtime_ns, before.ctime_ns)
         == (now.dev, now.ino, now.mtime_ns, now.ctime_ns)
+        && (!sized || before.size == now.size)
 }
 
 /// The path a stored (relative) path names.

@@ -35,6 +35,15 @@ fn below(dir: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
     (lo, Some(hi))
 }
 
+/// The condition on `path` for the bounds from [`below`], written so that SQLite
+/// searches the path index for them (an `OR` in the bound would make it scan).
+fn within(hi: &Option<Vec<u8>>) -> &'static str {
+    match hi {
+        Some(_) => "path >= ?1 AND path < ?2",
+        None => "path >= ?1 AND ?2 IS NULL",
+    }
+}
+
 impl Index {
     /// Fills the run (just begun) with every entry of the newest snapshot, when `prev`
     /// is that snapshot and was made from the same sources and excludes. False, and
@@ -129,11 +138,11 @@ impl Index {
         let skip = i64::try_from(lo.len()).unwrap_or(i64::MAX) + 1;
         let mut stmt = self
             .conn
-            .prepare_cached(
+            .prepare_cached(&format!(
                 "SELECT path, kind FROM run.nodes
-                 WHERE path >= ?1 AND (?2 IS NULL OR path < ?2)
-                   AND instr(substr(path, ?3), X'2F') = 0",
-            )
+                 WHERE {} AND instr(substr(path, ?3), X'2F') = 0",
+                within(&hi)
+            ))
             .map_err(self.e())?;
         let rows = stmt
             .query_map(params![lo, hi, skip], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -162,26 +171,19 @@ impl Index {
     pub fn remove_subtree(&self, path: &[u8]) -> Result<()> {
         self.remove_path(path)?;
         let (lo, hi) = below(path);
-        let under = "SELECT id FROM run.nodes WHERE path >= ?1 AND (?2 IS NULL OR path < ?2)";
-        self.conn
-            .execute(
-                &format!("DELETE FROM run.file_chunks WHERE node_id IN ({under})"),
-                params![lo, hi],
-            )
-            .and_then(|_| {
-                self.conn.execute(
-                    &format!("DELETE FROM run.xattrs WHERE node_id IN ({under})"),
-                    params![lo, hi],
-                )
-            })
-            .and_then(|_| {
-                self.conn.execute(
-                    "DELETE FROM run.nodes WHERE path >= ?1 AND (?2 IS NULL OR path < ?2)",
-                    params![lo, hi],
-                )
-            })
-            .map(|_| ())
-            .map_err(self.e())
+        let range = within(&hi);
+        let under = format!("SELECT id FROM run.nodes WHERE {range}");
+        for sql in [
+            format!("DELETE FROM run.file_chunks WHERE node_id IN ({under})"),
+            format!("DELETE FROM run.xattrs WHERE node_id IN ({under})"),
+            format!("DELETE FROM run.nodes WHERE {range}"),
+        ] {
+            self.conn
+                .prepare_cached(&sql)
+                .and_then(|mut s| s.execute(params![lo, hi]))
+                .map_err(self.e())?;
+        }
+        Ok(())
     }
 
     /// Removes the run's regular files with this inode and returns their paths: a
