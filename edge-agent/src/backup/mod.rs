@@ -271,7 +271,10 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
             Ok(n) => (Ok(()), Some(n)),
             Err(e) => (Err(e), None),
         },
-        Plan::Carried => (partial.run_full(&roots.paths).map(|_| ()), None),
+        Plan::Carried => (
+            partial.run_full(&roots.paths, &opts.progress).map(|_| ()),
+            None,
+        ),
         Plan::Walk => (walk(&roots.paths, &excludes, visit, warn), None),
     };
     drop(ahead);

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::Result;
 use crate::index::{FileStat, Index};
+use crate::progress::Progress;
 use crate::scan::{
     Entry, Excludes, Visit, normalize_roots, read_sorted, relative_bytes, walk_tree,
 };
@@ -51,8 +52,9 @@ pub(super) struct PartialWalk<'a, 'v> {
     count: usize,
     roots: Vec<PathBuf>,
     /// Every directory is listed, and an entry whose stat data is unchanged stays as
-    /// carried over instead of being visited again.
+    /// carried over instead of being visited again (and counted here).
     full: bool,
+    progress: Option<&'a Progress>,
 }
 
 impl<'a, 'v> PartialWalk<'a, 'v> {
@@ -73,14 +75,16 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
             count: 0,
             roots: Vec::new(),
             full: false,
+            progress: None,
         }
     }
 
     /// Lists every directory under `roots`, visiting only entries that are new or
     /// whose stat data changed: a full walk over a run that carries the previous
     /// snapshot over.
-    pub fn run_full(mut self, roots: &[PathBuf]) -> Result<usize> {
+    pub fn run_full(mut self, roots: &[PathBuf], progress: &'a Progress) -> Result<usize> {
         self.full = true;
+        self.progress = Some(progress);
         let roots: BTreeSet<PathBuf> = normalize_roots(roots).into_iter().collect();
         self.run(&roots.iter().cloned().collect::<Vec<_>>(), &roots)
     }
@@ -309,10 +313,18 @@ impl PartialWalk<'_, '_> {
             Some("symlink" | "hardlink") => false,
             _ => return Ok(false),
         };
-        Ok(self
+        let same = self
             .index
             .run_stat(rel)?
-            .is_some_and(|b| same_stat(&b, meta, sized)))
+            .is_some_and(|b| same_stat(&b, meta, sized));
+        if same
+            && sized
+            && let Some(p) = self.progress
+        {
+            p.add_file();
+            p.add_bytes(meta.size());
+        }
+        Ok(same)
     }
 }
 
