@@ -265,6 +265,7 @@ impl FrameOpener {
 mod tests {
     use super::*;
     use crate::chunk::ChunkHasher;
+    use crate::chunk::tests::pseudo_random as noise;
 
     fn build(chunks: &[&[u8]], h: &ChunkHasher) -> (Vec<u8>, Vec<Placement>) {
         let mut plain = BLOB_MAGIC.to_vec();
@@ -293,18 +294,6 @@ mod tests {
             let frame = &plain[p.offset as usize..(p.offset + u64::from(p.clen)) as usize];
             assert_eq!(open_frame(frame, p.ulen, p.chunk, &h).unwrap(), want);
         }
-    }
-
-    fn noise(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
     }
 
     #[test]

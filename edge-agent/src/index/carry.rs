@@ -117,18 +117,7 @@ impl Index {
             .prepare_cached(
                 "SELECT dev, ino, size, mtime_ns, ctime_ns FROM run.nodes WHERE path = ?1",
             )
-            .and_then(|mut s| {
-                s.query_row([path], |r| {
-                    Ok(FileStat {
-                        dev: r.get::<_, i64>(0)? as u64,
-                        ino: r.get::<_, i64>(1)? as u64,
-                        size: r.get::<_, i64>(2)? as u64,
-                        mtime_ns: r.get(3)?,
-                        ctime_ns: r.get(4)?,
-                    })
-                })
-                .optional()
-            })
+            .and_then(|mut s| s.query_row([path], |r| super::file_stat(r, 0)).optional())
             .map_err(self.e())
     }
 

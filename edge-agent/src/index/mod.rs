@@ -182,6 +182,17 @@ fn drop_copied_tables(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// `dev, ino, size, mtime_ns, ctime_ns` from column `at` on (written by this agent).
+fn file_stat(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<FileStat> {
+    Ok(FileStat {
+        dev: r.get::<_, i64>(at)? as u64,
+        ino: r.get::<_, i64>(at + 1)? as u64,
+        size: r.get::<_, i64>(at + 2)? as u64,
+        mtime_ns: r.get(at + 3)?,
+        ctime_ns: r.get(at + 4)?,
+    })
+}
+
 fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
     move |source| Error::Index {
         path: path.to_path_buf(),
@@ -456,19 +467,8 @@ impl Index {
                  WHERE path = ?1 AND kind = 'file'",
             )
             .and_then(|mut s| {
-                s.query_row([path], |r| {
-                    Ok((
-                        r.get(0)?,
-                        FileStat {
-                            dev: r.get::<_, i64>(1)? as u64,
-                            ino: r.get::<_, i64>(2)? as u64,
-                            size: r.get::<_, i64>(3)? as u64,
-                            mtime_ns: r.get(4)?,
-                            ctime_ns: r.get(5)?,
-                        },
-                    ))
-                })
-                .optional()
+                s.query_row([path], |r| Ok((r.get(0)?, file_stat(r, 1)?)))
+                    .optional()
             })
             .map_err(self.e())
     }
