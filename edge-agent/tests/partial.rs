@@ -158,3 +158,31 @@ fn a_watching_daemon_lists_only_changed_directories_and_restores_exactly() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_same_tree(&src, &restored(&target, &src));
 }
+
+#[test]
+fn a_hard_link_kept_from_the_snapshot_follows_its_inode_not_its_old_name() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    write_file(&src.join("data/cur/db.bin"), b"the shared content");
+    std::fs::create_dir_all(src.join("data/snap")).unwrap();
+    std::fs::hard_link(src.join("data/cur/db.bin"), src.join("data/snap/db.bin")).unwrap();
+    let key = keygen(t.path());
+    let cfg = local_config(t.path(), &[&src], &key, "");
+    backup_ok(&cfg);
+    // The linked file moves with its directory (its own stat data stays the same) and
+    // an unrelated file takes its old name.
+    std::fs::rename(src.join("data/cur"), src.join("data/old")).unwrap();
+    write_file(&src.join("data/cur/db.bin"), b"another file");
+    backup_ok(&cfg);
+
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let target = t.path().join("restored");
+    let out = restore_latest(&local_repo(t.path()), "", &target, &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let back = restored(&target, &src);
+    assert_eq!(
+        std::fs::read(back.join("data/snap/db.bin")).unwrap(),
+        b"the shared content"
+    );
+    assert_same_tree(&src, &back);
+}

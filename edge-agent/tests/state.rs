@@ -163,3 +163,23 @@ fn the_index_keeps_no_copy_of_the_snapshot() {
     let index = size("index.sqlite") + size("index.sqlite-wal");
     assert!(index < 100_000, "the index takes {index} bytes");
 }
+
+#[test]
+fn a_snapshot_dated_in_the_future_does_not_stop_deduplication() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src").tap_mkdir();
+    std::fs::write(src.join("a.bin"), pseudo_random(200_000, 8)).unwrap();
+    let key = keygen(t.path());
+    let cfg = local_config(t.path(), &[&src], &key, "");
+    backup_ok(&cfg);
+    // As if the clock had run a century ahead during that backup.
+    sqlite(
+        &t.path().join("state/index.sqlite"),
+        "UPDATE snapshots SET time_unix_ns = time_unix_ns + 3155760000000000000;",
+    );
+    backup_ok(&cfg);
+    assert_eq!(last_summary(t.path(), &key)["new_chunks"], 0);
+    assert!(t.path().join("state/index.sqlite-prev").exists());
+    backup_ok(&cfg);
+    assert_eq!(last_summary(t.path(), &key)["new_chunks"], 0);
+}

@@ -309,8 +309,9 @@ impl PartialWalk<'_, '_> {
     /// link count or extended attributes moves the change time).
     fn unchanged(&self, rel: &[u8], was: Option<&str>, meta: &std::fs::Metadata) -> Result<bool> {
         let sized = match was {
-            Some("file") => true,
-            Some("symlink" | "hardlink") => false,
+            Some("file") if meta.is_file() => true,
+            Some("hardlink") if meta.is_file() => false,
+            Some("symlink") if meta.is_symlink() => false,
             _ => return Ok(false),
         };
         let same = self

@@ -79,7 +79,7 @@ impl Index {
         let newest: Option<String> = self
             .conn
             .query_row(
-                "SELECT id FROM main.snapshots ORDER BY time_unix_ns DESC LIMIT 1",
+                "SELECT id FROM main.snapshots ORDER BY rowid DESC LIMIT 1",
                 [],
                 |r| r.get(0),
             )
@@ -194,12 +194,14 @@ impl Index {
         Ok(paths)
     }
 
-    /// Hard links whose target is no longer a regular file of the run.
+    /// Hard links whose target is no longer a regular file of the run with their inode
+    /// (the target's name may now hold another file).
     pub fn dangling_hardlinks(&self) -> Result<Vec<Vec<u8>>> {
         self.conn
             .prepare_cached(
                 "SELECT h.path FROM run.nodes h WHERE h.kind = 'hardlink' AND NOT EXISTS
-                     (SELECT 1 FROM run.nodes f WHERE f.path = h.target AND f.kind = 'file')
+                     (SELECT 1 FROM run.nodes f WHERE f.path = h.target AND f.kind = 'file'
+                          AND f.dev = h.dev AND f.ino = h.ino)
                  ORDER BY h.path",
             )
             .and_then(|mut s| {

@@ -67,7 +67,8 @@ impl Index {
         let newest: Option<String> = self
             .conn
             .query_row(
-                "SELECT id FROM main.snapshots ORDER BY time_unix_ns DESC LIMIT 1",
+                // The last one recorded, whatever the clock said then.
+                "SELECT id FROM main.snapshots ORDER BY rowid DESC LIMIT 1",
                 [],
                 |r| r.get(0),
             )
