@@ -55,6 +55,9 @@ pub(super) struct PartialWalk<'a, 'v> {
     /// carried over instead of being visited again (and counted here).
     full: bool,
     progress: Option<&'a Progress>,
+    /// Directories still to list, the next last: a stack, not recursion, so that a
+    /// deep tree cannot exhaust the thread's stack.
+    queue: Vec<PathBuf>,
 }
 
 impl<'a, 'v> PartialWalk<'a, 'v> {
@@ -76,6 +79,7 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
             roots: Vec::new(),
             full: false,
             progress: None,
+            queue: Vec::new(),
         }
     }
 
@@ -208,9 +212,18 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
         self.parent_is_dir(dir)
     }
 
-    /// Lists `dir` again: its own entry, and each entry in it. Entries that are gone
-    /// leave with their subtrees.
+    /// Lists `dir` again, and the directories below it that need it.
     fn rescan(&mut self, dir: &Path) -> Result<()> {
+        self.list(dir)?;
+        while let Some(next) = self.queue.pop() {
+            self.list(&next)?;
+        }
+        Ok(())
+    }
+
+    /// Lists `dir` again: its own entry, and each entry in it. Entries that are gone
+    /// leave with their subtrees; subdirectories to list are queued.
+    fn list(&mut self, dir: &Path) -> Result<()> {
         let is_root = self.roots.iter().any(|r| r == dir);
         if (!self.full || is_root) && !self.listed.insert(dir.to_path_buf()) {
             return Ok(());
@@ -241,6 +254,7 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
         for gone in before.keys().filter(|p| !now.contains(*p)) {
             self.index.remove_subtree(gone)?;
         }
+        let queued = self.queue.len();
         for path in now {
             self.entry(
                 &absolute(&path),
@@ -248,6 +262,8 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
                 before.get(&path).map(String::as_str),
             )?;
         }
+        // Popped in byte order.
+        self.queue[queued..].reverse();
         Ok(())
     }
 
@@ -274,11 +290,10 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
                     path: abs.to_path_buf(),
                     meta,
                 })?;
-                return if changed || self.full {
-                    self.rescan(abs)
-                } else {
-                    Ok(())
-                };
+                if changed || self.full {
+                    self.queue.push(abs.to_path_buf());
+                }
+                return Ok(());
             }
         }
         if meta.is_dir() {
