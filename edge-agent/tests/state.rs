@@ -93,6 +93,13 @@ fn agent_verify_changes_nothing_and_needs_a_snapshot() {
     let out = vaultik(&["verify", "--config", cfg.to_str().unwrap()], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read(&index).unwrap(), before);
+    // Without the kept snapshot there is nothing to verify, and it says so.
+    std::fs::remove_file(t.path().join("state/index.sqlite-prev")).unwrap();
+    let out = vaultik(&["verify", "--config", cfg.to_str().unwrap()], &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("nothing to verify"), "{err}");
+    assert_eq!(std::fs::read(&index).unwrap(), before);
 }
 
 #[test]

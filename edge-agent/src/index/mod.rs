@@ -739,6 +739,9 @@ impl Index {
 
     /// Blobs referenced by the newest completed snapshot, with their sizes.
     pub fn blob_sizes(&self) -> Result<Vec<(String, u64)>> {
+        if !self.has_previous() {
+            return Ok(Vec::new());
+        }
         let mut q = self
             .conn
             .prepare("SELECT id, size FROM prev.blobs")

@@ -34,7 +34,17 @@ impl Index {
                 self.remove_previous()?;
             }
         }
+        if self.read_only {
+            // Nothing can be created on a read-only connection: no `prev` at all.
+            return Ok(());
+        }
         self.attach_empty()
+    }
+
+    /// True when `prev` is attached (always, except read-only without a usable one).
+    pub(super) fn has_previous(&self) -> bool {
+        let q = "SELECT EXISTS (SELECT 1 FROM pragma_database_list WHERE name = 'prev')";
+        self.conn.query_row(q, [], |r| r.get(0)).unwrap_or(false)
     }
 
     fn remove_previous(&self) -> Result<()> {
