@@ -42,6 +42,10 @@ const METADATA_ZSTD_LEVEL: i32 = 2;
 
 /// A partial scan is used only if the whole tree was walked more recently than this.
 const WALK_EVERY: Duration = Duration::from_secs(24 * 3600);
+/// Every entry is visited (extended attributes, owner and mode read again, whatever
+/// the stat data says) at least this often, and after a run that skipped entries:
+/// filesystems whose ctime does not move with every change are caught up with.
+const VISIT_EVERY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Batches waiting for a compressor, and batches waiting for the packer.
 const QUEUE_DEPTH: usize = 1;
 /// Chunks travel between threads in batches of about this many bytes, so trees of
@@ -244,8 +248,11 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         source_dirs: &source_json,
         excludes: &exclude_json,
     };
+    let visit_due = index
+        .last_visit_ns()?
+        .is_none_or(|t| is_due(started_ns, t, VISIT_EVERY));
     let plan = match &opts.scope {
-        _ if rehash || !index.carry_previous(&key)? => Plan::Walk,
+        _ if rehash || visit_due || !index.carry_previous(&key)? => Plan::Walk,
         Scope::Changed(c) if !walk_due && c.roots == roots.paths => Plan::Changed(&c.dirs),
         _ => Plan::Carried,
     };
@@ -356,10 +363,15 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         index.set_last_full_scan_ns(started_ns)?;
     }
     if !skipped.is_empty() {
-        // What could not be read this time is looked for again only by a full walk.
+        // What could not be read this time is looked for again only by a walk that
+        // visits everything.
         index.set_last_walk_ns(0)?;
+        index.set_last_visit_ns(0)?;
     } else if rescanned.is_none() {
         index.set_last_walk_ns(started_ns)?;
+        if matches!(plan, Plan::Walk) {
+            index.set_last_visit_ns(started_ns)?;
+        }
     }
     opts.progress.finish();
     Ok(Outcome {

@@ -385,6 +385,16 @@ impl Index {
         self.set_setting("last_walk_ns", &t.to_string())
     }
 
+    /// When a run last visited every entry (rather than only those whose stat data
+    /// changed), if ever.
+    pub fn last_visit_ns(&self) -> Result<Option<i64>> {
+        Ok(self.setting("last_visit_ns")?.and_then(|v| v.parse().ok()))
+    }
+
+    pub fn set_last_visit_ns(&self, t: i64) -> Result<()> {
+        self.set_setting("last_visit_ns", &t.to_string())
+    }
+
     /// Records, durably, that the manifest of the finished run is about to be uploaded.
     pub fn mark_manifest_pending(&self, id: &str, time_ns: i64) -> Result<()> {
         self.set_setting("pending_manifest", &format!("{id} {time_ns}"))
