@@ -157,10 +157,10 @@ fn shrinkable(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch("PRAGMA journal_size_limit = 4194304")?;
     let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
     if mode != 2 {
-        // VACUUM cannot change it in WAL mode (set again by the caller).
-        conn.execute_batch(
-            "PRAGMA journal_mode = DELETE; PRAGMA auto_vacuum = INCREMENTAL; VACUUM;",
-        )?;
+        // VACUUM cannot change it in WAL mode (set again by the caller). It needs room
+        // for a copy of the file: on a full disk the index just stays as it is.
+        conn.execute_batch("PRAGMA journal_mode = DELETE; PRAGMA auto_vacuum = INCREMENTAL;")?;
+        let _ = conn.execute_batch("VACUUM");
     }
     Ok(())
 }
@@ -176,8 +176,10 @@ fn drop_copied_tables(conn: &Connection) -> rusqlite::Result<()> {
     if old {
         conn.execute_batch(
             "DROP TABLE IF EXISTS main.files; DROP TABLE IF EXISTS main.file_chunks;
-             DROP TABLE IF EXISTS main.chunks; DROP TABLE IF EXISTS main.blobs; VACUUM;",
+             DROP TABLE IF EXISTS main.chunks; DROP TABLE IF EXISTS main.blobs;",
         )?;
+        // Gives the space back; on a full disk the pages stay free inside the file.
+        let _ = conn.execute_batch("VACUUM");
     }
     Ok(())
 }
