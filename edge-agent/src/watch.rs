@@ -25,7 +25,7 @@ pub struct ChangeLog {
     roots: Vec<PathBuf>,
     /// A digest of the mount table at the last take: a mount under a source makes no
     /// event.
-    mounts: Option<u64>,
+    mounts: Option<blake3::Hash>,
     max_dirs: usize,
 }
 
@@ -48,7 +48,7 @@ impl ChangeLog {
     }
 
     /// The mount table now; a change since the last take loses the log.
-    pub fn note_mounts(&mut self, digest: Option<u64>) {
+    pub fn note_mounts(&mut self, digest: Option<blake3::Hash>) {
         if digest.is_none() || digest != self.mounts {
             self.lost();
         }
@@ -109,13 +109,9 @@ pub type SharedLog = Arc<Mutex<ChangeLog>>;
 
 /// Takes the scope for a run from a shared log (a poisoned lock means a full scan).
 pub fn take(log: &SharedLog) -> Scope {
-    let mounts = std::fs::read("/proc/self/mountinfo").ok().map(|t| {
-        u64::from_le_bytes(
-            blake3::hash(&t).as_bytes()[..8]
-                .try_into()
-                .unwrap_or([0; 8]),
-        )
-    });
+    let mounts = std::fs::read("/proc/self/mountinfo")
+        .ok()
+        .map(|t| blake3::hash(&t));
     log.lock().map_or(Scope::Everything, |mut l| {
         l.note_mounts(mounts);
         l.take()
@@ -228,13 +224,14 @@ mod tests {
     fn a_changed_mount_table_means_everything() {
         let mut log = ChangeLog::new(10);
         log.arm(vec!["/s".into()]);
-        log.note_mounts(Some(1));
+        let [one, two] = [b"one", b"two"].map(|t| Some(blake3::hash(t)));
+        log.note_mounts(one);
         log.take();
         log.record(Path::new("/s/a/x"));
-        log.note_mounts(Some(1));
+        log.note_mounts(one);
         assert_eq!(dirs(log.take()), ["/s/a"]);
         log.record(Path::new("/s/a/x"));
-        log.note_mounts(Some(2));
+        log.note_mounts(two);
         assert_eq!(dirs(log.take()), ["*"], "something was mounted");
         log.note_mounts(None);
         assert_eq!(dirs(log.take()), ["*"], "an unreadable mount table");

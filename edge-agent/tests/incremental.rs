@@ -11,24 +11,6 @@ fn backup(cfg: &std::path::Path, extra: &[&str]) -> std::process::Output {
     vaultik(&args, &[])
 }
 
-fn restore_latest_matches(dir: &std::path::Path, key: &Key, src: &std::path::Path, name: &str) {
-    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
-    let target = dir.join(name);
-    let out = vaultik(
-        &[
-            "restore",
-            &local_repo(dir),
-            "",
-            "latest",
-            target.to_str().unwrap(),
-            "-q",
-        ],
-        &env,
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_same_tree(src, &restored(&target, src));
-}
-
 #[test]
 fn renames_cost_no_upload_and_edits_upload_only_new_chunks() {
     let t = tempfile::tempdir().unwrap();

@@ -114,11 +114,7 @@ fn a_walk_over_the_carried_snapshot_visits_only_changes_and_restores_exactly() {
     assert!(after["bytes_read"].as_u64().unwrap() > 0, "{after}");
     assert_eq!(after["new_chunks"], 6, "only the edited contents: {after}");
 
-    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
-    let target = t.path().join("restored");
-    let out = restore_latest(&local_repo(t.path()), "", &target, &env);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_same_tree(&src, &restored(&target, &src));
+    restore_latest_matches(t.path(), &key, &src, "restored");
 }
 
 #[test]
@@ -152,11 +148,7 @@ fn a_watching_daemon_lists_only_changed_directories_and_restores_exactly() {
         "partial scans list a few of the {dirs} directories: {scans:?}"
     );
 
-    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
-    let target = t.path().join("restored");
-    let out = restore_latest(&local_repo(t.path()), "", &target, &env);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_same_tree(&src, &restored(&target, &src));
+    restore_latest_matches(t.path(), &key, &src, "restored");
 }
 
 #[test]

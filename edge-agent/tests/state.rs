@@ -135,11 +135,7 @@ fn a_damaged_previous_snapshot_only_costs_an_upload() {
     );
     assert_eq!(s["bytes_read"], first["bytes_read"], "{s}");
 
-    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
-    let target = t.path().join("restored");
-    let out = restore_latest(&local_repo(t.path()), "", &target, &env);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_same_tree(&src, &restored(&target, &src));
+    restore_latest_matches(t.path(), &key, &src, "restored");
     // And the next run deduplicates against it again.
     backup_ok(&cfg);
     assert_eq!(last_summary(t.path(), &key)["new_chunks"], 0);

@@ -89,8 +89,8 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
     pub fn run_full(mut self, roots: &[PathBuf], progress: &'a Progress) -> Result<usize> {
         self.full = true;
         self.progress = Some(progress);
-        let roots: BTreeSet<PathBuf> = normalize_roots(roots).into_iter().collect();
-        self.run(&roots.iter().cloned().collect::<Vec<_>>(), &roots)
+        let all: BTreeSet<PathBuf> = normalize_roots(roots).into_iter().collect();
+        self.run(roots, &all)
     }
 
     /// Rescans `changed` under `roots`; returns how many directories were listed.
@@ -284,16 +284,17 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
             if let Some(b) = before.filter(|b| b.dev == meta.dev() && b.ino == meta.ino()) {
                 // The same directory: its entries are carried over, unless its own
                 // listing changed (events made before a new directory was watched).
-                let changed = !same_stat(&b, &meta, false);
+                // Listing it visits its own entry too.
+                if self.full || !same_stat(&b, &meta, false) {
+                    self.queue.push(abs.to_path_buf());
+                    return Ok(());
+                }
                 self.index.remove_path(rel)?;
-                (self.visit)(Entry {
+                return (self.visit)(Entry {
                     path: abs.to_path_buf(),
                     meta,
-                })?;
-                if changed || self.full {
-                    self.queue.push(abs.to_path_buf());
-                }
-                return Ok(());
+                })
+                .map(|_| ());
             }
         }
         if meta.is_dir() {

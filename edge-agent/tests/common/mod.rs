@@ -653,6 +653,16 @@ impl TapMkdir for std::path::PathBuf {
 }
 
 /// `vaultik restore BUCKET PREFIX latest TARGET -q`.
+/// Restores the newest snapshot of the local repository under `dir` into `dir/name`
+/// and checks it is `src`, exactly.
+pub fn restore_latest_matches(dir: &Path, key: &Key, src: &Path, name: &str) {
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let target = dir.join(name);
+    let out = restore_latest(&local_repo(dir), "", &target, &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_tree(src, &restored(&target, src));
+}
+
 pub fn restore_latest(bucket: &str, prefix: &str, target: &Path, env: &[(&str, &str)]) -> Output {
     vaultik(
         &[
