@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod index;
 pub mod outbox;
 pub mod pack;
+pub mod pieces;
 pub mod progress;
 pub mod prune;
 pub mod restore;

@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 /// (`xattrs.value`), so no value is ever plaintext on the agent's disk. 3 may point at
 /// chunks stored as is (blob format 2), which readers of 2 cannot open.
 pub const METADATA_FORMAT: u32 = 3;
-/// 2 adds `agent`, the identity of the index that made the snapshot.
-pub const MANIFEST_FORMAT: u32 = 2;
+/// 2 adds `agent`, the identity of the index that made the snapshot. 3 makes the
+/// metadata object a list of the database's pieces (`crate::pieces`) instead of the
+/// database itself.
+pub const MANIFEST_FORMAT: u32 = 3;
 
 /// A 16-byte random id written as 32 hex digits.
 macro_rules! random_id {
@@ -74,6 +76,9 @@ pub struct Summary {
     /// Bytes uploaded for blobs (encrypted, compressed).
     pub uploaded_bytes: u64,
     pub new_blobs: u64,
+    /// Bytes uploaded for the metadata: its new pieces and their list (format 3).
+    #[serde(default)]
+    pub metadata_bytes: u64,
     /// Entries that could not be read and are not in the snapshot.
     pub skipped: u64,
 }

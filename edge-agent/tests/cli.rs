@@ -24,6 +24,7 @@ fn settings(tmp: &Path) -> insta::Settings {
     s.add_filter(r"\d+ dirs?\b", "[N] dirs");
     // Chunk ids are keyed per agent, so blob trailers compress differently each run.
     s.add_filter(r"[\d.]+ (B|KiB|MiB) uploaded", "[N] B uploaded");
+    s.add_filter(r"metadata [\d.]+ (B|KiB|MiB)", "metadata [N] B");
     s
 }
 

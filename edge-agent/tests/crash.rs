@@ -146,10 +146,17 @@ fn check_reuse(s3: &S3Server, t: &tempfile::TempDir, key: &Key, last: &str) {
     let meta = s3.bucket_dir().join(format!("host1/index/{last}.metadata"));
     let db = t.path().join("last.sqlite");
     decrypt_metadata(key, &meta, &db);
-    let referenced: u64 = sqlite(&db, "SELECT sum(size) FROM blobs")
+    let data: u64 = sqlite(&db, "SELECT sum(size) FROM blobs")
         .trim()
         .parse()
         .unwrap();
+    let metadata: u64 = piece_list(key, &meta)["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["size"].as_u64().unwrap())
+        .sum();
+    let referenced = data + metadata;
     let (stored, count) = blob_bytes(&s3.bucket_dir().join("host1/blobs"));
     let slack = KILLS * (BLOB_LIMIT + (256 << 10));
     assert!(

@@ -121,11 +121,10 @@ fn fetch_downloads_only_what_it_needs() {
     let key = keygen(t.path());
     let cfg = s3_config(t.path(), &s3.endpoint, "host1", &[&src], &key, "");
     backup_ok(&cfg);
-    let blobs = common::walk(&s3.bucket_dir().join("host1/blobs"));
     assert_eq!(
-        blobs.iter().filter(|(_, m)| m.is_file()).count(),
+        data_blobs(&s3.bucket_dir().join("host1"), &key).len(),
         1,
-        "expected one blob"
+        "expected one blob of file content"
     );
 
     let proxy = CountingProxy::start(&s3.endpoint);
@@ -226,7 +225,7 @@ fn metadata_opens_with_stock_age_zstd_and_sqlite3() {
         .output()
         .unwrap();
     let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(m["format"], 2);
+    assert_eq!(m["format"], 3);
     assert_eq!(m["agent"].as_str().unwrap().len(), 32);
 }
 
@@ -245,10 +244,7 @@ fn incompressible_chunks_are_stored_as_is_and_read_back() {
 
     // The blob, opened with the stock age CLI, holds the random bytes verbatim and the
     // text compressed.
-    let (blob, _) = common::walk(&t.path().join("repo/blobs"))
-        .into_iter()
-        .find(|(_, m)| m.is_file())
-        .unwrap();
+    let blob = data_blobs(&t.path().join("repo"), &key).remove(0);
     let out = Command::new("age")
         .args(["-d", "-i"])
         .arg(&key.file)
@@ -302,10 +298,7 @@ fn a_damaged_blob_names_the_files_and_the_rest_restores() {
         "chunk_size: 256KiB\n",
     );
     backup_ok(&cfg);
-    let (blob, _) = common::walk(&s3.bucket_dir().join("host1/blobs"))
-        .into_iter()
-        .find(|(_, m)| m.is_file())
-        .unwrap();
+    let blob = data_blobs(&s3.bucket_dir().join("host1"), &key).remove(0);
     // Flip one byte in the middle: inside the victim's chunks, not the age header.
     let mut bytes = std::fs::read(&blob).unwrap();
     let mid = bytes.len() / 2;

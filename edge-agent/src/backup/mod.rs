@@ -8,6 +8,7 @@
 //! Every queue is bounded, so memory is a few chunks plus a few multipart parts whatever
 //! the size of the tree. Nothing is written to disk but the index and run databases.
 
+mod metadata;
 mod partial;
 
 use partial::PartialWalk;
@@ -15,7 +16,7 @@ pub use partial::{Changes, Scope};
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -35,10 +36,6 @@ use crate::progress::Progress;
 use crate::scan::{Entry, Excludes, Visit, relative_bytes, resolve_roots, walk};
 use crate::snapshot::{MANIFEST_FORMAT, METADATA_FORMAT, Manifest, NodeKind, SnapshotId, Summary};
 use crate::store::Repo;
-
-/// The metadata database is mostly chunk ids, which do not compress: level 2 makes it
-/// as small as 3 does, faster.
-const METADATA_ZSTD_LEVEL: i32 = 2;
 
 /// A partial scan is used only if the whole tree was walked more recently than this.
 const WALK_EVERY: Duration = Duration::from_secs(24 * 3600);
@@ -335,7 +332,14 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         ("chunk_key", hex::encode(hasher.key())),
         ("tool", format!("vaultik {}", env!("CARGO_PKG_VERSION"))),
     ])?;
-    let metadata = upload_metadata(repo, &recipients, &run_db, &id)?;
+    let previous = index.previous_pieces()?;
+    let to = metadata::Target {
+        repo,
+        recipients: &recipients,
+        blob_size_limit: config.blob_size_limit,
+    };
+    let stored = metadata::store(&to, &run_db, &id, &hasher, previous.as_ref())?;
+    summary.metadata_bytes = stored.uploaded_bytes.saturating_add(stored.object.size);
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         id: id.to_string(),
@@ -344,8 +348,8 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         time: humantime::format_rfc3339_millis(now).to_string(),
         time_unix_ns,
         source_dirs: sources,
-        metadata_size: metadata.size,
-        metadata_hash: hex::encode(metadata.hash),
+        metadata_size: stored.object.size,
+        metadata_hash: hex::encode(stored.object.hash),
         summary: summary.clone(),
     };
     let json = serde_json::to_vec_pretty(&manifest)
@@ -358,7 +362,9 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         .map_err(|e| Error::io("encrypting", "snapshot manifest", e))?;
     index.mark_manifest_pending(&id.to_string(), time_unix_ns)?;
     repo.put_new(&repo.manifest_key(&id), sealed)?;
-    index.commit_snapshot(&id.to_string(), time_unix_ns)?;
+    let pieces = serde_json::to_string(&stored.list)
+        .map_err(|e| Error::Pipeline(format!("encoding the piece list: {e}")))?;
+    index.commit_snapshot(&id.to_string(), time_unix_ns, &pieces)?;
     if rehash || last_full.is_none() {
         index.set_last_full_scan_ns(started_ns)?;
     }
@@ -768,11 +774,11 @@ fn packer(
         if blob.layout.is_full(limit)
             && let Some(b) = open.take()
         {
-            close_blob(b, &done)?;
+            let _ = done.send(close_blob(b)?);
         }
     }
     if let Some(b) = open.take() {
-        close_blob(b, &done)?;
+        let _ = done.send(close_blob(b)?);
     }
     Ok(())
 }
@@ -797,7 +803,7 @@ fn open_blob(repo: &Repo, recipients: &Recipients) -> Result<OpenBlob> {
     })
 }
 
-fn close_blob(mut b: OpenBlob, done: &Sender<BlobDone>) -> Result<()> {
+fn close_blob(mut b: OpenBlob) -> Result<BlobDone> {
     let what = |e| Error::io("finishing blob", b.id.to_hex(), e);
     b.w.write_all(&b.layout.trailer()).map_err(what)?;
     let counted =
@@ -805,39 +811,13 @@ fn close_blob(mut b: OpenBlob, done: &Sender<BlobDone>) -> Result<()> {
             .map_err(|e| Error::io("finishing blob", b.id.to_hex(), e))?;
     let uploaded = counted.inner.finish()?;
     let plain_size = b.layout.finished_len();
-    let _ = done.send(BlobDone {
+    Ok(BlobDone {
         id: b.id,
         uploaded,
         plain_size,
         payload_start: b.payload_start,
         entries: b.layout.into_entries(),
-    });
-    Ok(())
-}
-
-/// Streams the run database through zstd and age into the metadata object.
-fn upload_metadata(
-    repo: &Repo,
-    recipients: &Recipients,
-    db: &Path,
-    id: &SnapshotId,
-) -> Result<crate::store::Uploaded> {
-    let key = repo.metadata_key(id);
-    let io_err = |e: io::Error| Error::io("uploading metadata from", db, e);
-    let mut src = File::open(db).map_err(io_err)?;
-    let age_w = recipients.encrypt(repo.upload(key), "snapshot metadata")?;
-    let mut z = zstd::stream::Encoder::new(age_w, METADATA_ZSTD_LEVEL).map_err(io_err)?;
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        let n = src.read(&mut buf).map_err(io_err)?;
-        if n == 0 {
-            break;
-        }
-        z.write_all(&buf[..n]).map_err(io_err)?;
-    }
-    let age_w = z.finish().map_err(io_err)?;
-    let up = age_w.finish().map_err(io_err)?;
-    Ok(up.finish()?)
+    })
 }
 
 #[cfg(test)]

@@ -231,12 +231,14 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
         self.count += 1;
         let rel = relative_bytes(dir).to_vec();
         let before: HashMap<Vec<u8>, String> = self.index.run_children(&rel)?.into_iter().collect();
-        match std::fs::symlink_metadata(dir) {
-            Ok(m) if m.is_dir() => {}
+        let meta = match std::fs::symlink_metadata(dir) {
+            Ok(m) if m.is_dir() => m,
             // Gone, or no longer a directory: its parent's rescan deals with it.
             _ => return Ok(()),
-        }
-        if !is_root {
+        };
+        // Its own entry is visited again only if it changed: an unchanged one stays
+        // where it is in the run database, and so do the pages that hold it.
+        if !is_root && !self.same_dir(&rel, &meta)? {
             self.index.remove_path(&rel)?;
             self.restat(dir)?;
         }
@@ -323,6 +325,17 @@ impl PartialWalk<'_, '_> {
     /// True when a file, symlink or hard link is as the run holds it: same device,
     /// inode, size, modification and change time (a change of content, mode, owner,
     /// link count or extended attributes moves the change time).
+    /// True when the run holds `rel` as a directory with this stat data.
+    fn same_dir(&self, rel: &[u8], meta: &std::fs::Metadata) -> Result<bool> {
+        if self.index.run_kind(rel)?.as_deref() != Some("dir") {
+            return Ok(false);
+        }
+        Ok(self
+            .index
+            .run_stat(rel)?
+            .is_some_and(|b| same_stat(&b, meta, false)))
+    }
+
     fn unchanged(&self, rel: &[u8], was: Option<&str>, meta: &std::fs::Metadata) -> Result<bool> {
         let sized = match was {
             Some("file") if meta.is_file() => true,

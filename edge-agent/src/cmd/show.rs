@@ -182,7 +182,7 @@ pub fn backup_summary(o: &Outcome, dest: &str) -> String {
     let s = &o.summary;
     format!(
         "Files: {} new, {} changed, {} unmodified; {}, {}\n\
-         Added: {} in {}, {} uploaded in {}\n\
+         Added: {} in {}, {} uploaded in {}; metadata {}\n\
          snapshot {} saved to {dest}: {}, {} in {:.1}s",
         s.files_new,
         s.files_changed,
@@ -193,6 +193,7 @@ pub fn backup_summary(o: &Outcome, dest: &str) -> String {
         count(s.new_chunks, "new chunk"),
         human(s.uploaded_bytes),
         count(s.new_blobs, "blob"),
+        human(s.metadata_bytes),
         o.snapshot,
         count(s.files, "file"),
         human(s.bytes),

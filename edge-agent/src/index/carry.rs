@@ -4,7 +4,7 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::{FileStat, Index};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// What the carried-over snapshot must share with this run for its entries to stand.
 pub struct CarryKey<'a> {
@@ -45,29 +45,29 @@ fn within(hi: &Option<Vec<u8>>) -> &'static str {
 }
 
 impl Index {
-    /// Fills the run (just begun) with every entry of the newest snapshot, when `prev`
-    /// is that snapshot and was made from the same sources and excludes. False, and
-    /// the run stays empty, otherwise.
+    /// Makes the run (just begun, still empty) a byte copy of the newest snapshot's
+    /// database, when `prev` is that snapshot and was made from the same sources and
+    /// excludes. False, and the run stays empty, otherwise. A copy rather than rows
+    /// inserted anew: pages no change touches stay as they were, and the metadata
+    /// upload skips them (`pieces`).
     pub fn carry_previous(&self, key: &CarryKey<'_>) -> Result<bool> {
+        if !self.previous_matches(key)? {
+            return Ok(false);
+        }
         self.conn
-            .execute_batch("SAVEPOINT carry")
+            .execute_batch("COMMIT; DETACH DATABASE run")
             .map_err(self.e())?;
-        let carried = self.copy_previous(key);
-        let closed = self
-            .conn
-            .execute_batch(if matches!(carried, Ok(true)) {
-                "RELEASE carry"
-            } else {
-                "ROLLBACK TO carry; RELEASE carry"
-            })
-            .map_err(self.e());
-        // A damaged copy only costs a full scan.
-        let carried = carried.unwrap_or(false);
-        closed?;
-        Ok(carried)
+        let copied = std::fs::copy(&self.prev_path, &self.run_path);
+        if copied.is_err() {
+            // The run database may be half written: start it empty again.
+            std::fs::write(&self.run_path, b"")
+                .map_err(|err| Error::io("emptying the run database", &self.run_path, err))?;
+        }
+        self.attach_run()?;
+        Ok(copied.is_ok())
     }
 
-    fn copy_previous(&self, key: &CarryKey<'_>) -> Result<bool> {
+    fn previous_matches(&self, key: &CarryKey<'_>) -> Result<bool> {
         let meta = |k: &str| -> Result<Option<String>> {
             self.conn
                 .query_row("SELECT value FROM prev.meta WHERE key = ?1", [k], |r| {
@@ -85,22 +85,11 @@ impl Index {
             )
             .optional()
             .map_err(self.e())?;
-        let same = newest.is_some()
+        Ok(newest.is_some()
             && meta("snapshot_id")? == newest
             && meta("format")?.as_deref() == Some(key.format)
             && meta("source_dirs")?.as_deref() == Some(key.source_dirs)
-            && meta("excludes")?.as_deref() == Some(key.excludes);
-        if !same {
-            return Ok(false);
-        }
-        self.conn
-            .execute_batch(
-                "INSERT INTO run.nodes SELECT * FROM prev.nodes;
-                 INSERT INTO run.file_chunks SELECT * FROM prev.file_chunks;
-                 INSERT INTO run.xattrs SELECT * FROM prev.xattrs;",
-            )
-            .map_err(self.e())?;
-        Ok(true)
+            && meta("excludes")?.as_deref() == Some(key.excludes))
     }
 
     /// The kind of the run's entry at `path`, if there is one.

@@ -443,6 +443,12 @@ impl Index {
             }
         }
         private_file(&self.run_path)?;
+        self.attach_run()
+    }
+
+    /// Attaches the run database, creating its tables where they are missing, and
+    /// opens the run's transaction.
+    fn attach_run(&self) -> Result<()> {
         let run = self.run_path.to_string_lossy().into_owned();
         self.conn
             .execute("ATTACH DATABASE ?1 AS run", [run])
@@ -660,8 +666,9 @@ impl Index {
         self.checkpoint()
     }
 
-    /// Completes the run database: blob rows for reused chunks, drops chunk rows no file
-    /// references, writes `meta`, and detaches it. Returns its path for upload.
+    /// Completes the run database: blob rows for reused chunks, drops chunk and blob
+    /// rows nothing references (a carried run starts with all of the previous ones),
+    /// writes `meta`, and detaches it. Returns its path for upload.
     pub fn finish_run(&mut self, meta: &[(&str, String)]) -> Result<PathBuf> {
         let e = sql_err(&self.path);
         // The chunks the run references, sorted once into a temporary table (sorting
@@ -676,6 +683,7 @@ impl Index {
                      SELECT c.* FROM temp.refs r JOIN prev.chunks c ON c.id = r.id;
                  DELETE FROM run.chunks WHERE id NOT IN temp.refs;
                  DROP TABLE temp.refs;
+                 DELETE FROM run.blobs WHERE id NOT IN (SELECT blob_id FROM run.chunks);
                  INSERT OR IGNORE INTO run.blobs
                      SELECT * FROM prev.blobs WHERE id IN (SELECT blob_id FROM run.chunks);
                  INSERT OR IGNORE INTO run.blobs
@@ -711,7 +719,9 @@ impl Index {
     }
 
     /// Makes the uploaded snapshot the index's reference for the next run.
-    pub fn commit_snapshot(&mut self, id: &str, time_unix_ns: i64) -> Result<()> {
+    /// `pieces` is the snapshot's piece list (JSON): what the next run's metadata upload
+    /// may reuse.
+    pub fn commit_snapshot(&mut self, id: &str, time_unix_ns: i64, pieces: &str) -> Result<()> {
         // The run database becomes the previous snapshot first: until the index records
         // the snapshot, `pending_manifest` keeps it from being used (`previous`).
         self.keep_run_as_previous()?;
@@ -728,6 +738,12 @@ impl Index {
             .execute(
                 "INSERT OR REPLACE INTO main.snapshots (id, time_unix_ns) VALUES (?1, ?2)",
                 params![id, time_unix_ns],
+            )
+            .map_err(&e)?;
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO main.settings (key, value) VALUES ('pieces', ?1)",
+                [pieces],
             )
             .map_err(&e)?;
         self.conn.execute_batch("COMMIT").map_err(e)?;
@@ -749,7 +765,8 @@ impl Index {
             .map_err(self.e())
     }
 
-    /// Blobs referenced by the newest completed snapshot, with their sizes.
+    /// Blobs referenced by the newest completed snapshot (its data and its metadata
+    /// pieces), with their sizes.
     pub fn blob_sizes(&self) -> Result<Vec<(String, u64)>> {
         if !self.has_previous() {
             return Ok(Vec::new());
@@ -763,7 +780,12 @@ impl Index {
                 Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
             })
             .map_err(self.e())?;
-        rows.collect::<rusqlite::Result<_>>().map_err(self.e())
+        let mut sizes: Vec<(String, u64)> =
+            rows.collect::<rusqlite::Result<_>>().map_err(self.e())?;
+        if let Some(list) = self.previous_pieces()? {
+            sizes.extend(list.blobs.into_iter().map(|b| (b.id, b.size)));
+        }
+        Ok(sizes)
     }
 }
 
@@ -848,7 +870,7 @@ mod tests {
             ],
             "a chunk no file references is dropped"
         );
-        index.commit_snapshot("s1", 1).unwrap();
+        index.commit_snapshot("s1", 1, "{}").unwrap();
 
         // The next run reuses one file's chunk list: where its chunk lives comes along.
         index.begin_run().unwrap();

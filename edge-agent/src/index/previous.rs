@@ -8,6 +8,7 @@ use rusqlite::OptionalExtension;
 
 use super::Index;
 use crate::error::{Error, Result};
+use crate::pieces::PieceList;
 use crate::snapshot::metadata_schema;
 
 impl Index {
@@ -45,6 +46,27 @@ impl Index {
     pub(super) fn has_previous(&self) -> bool {
         let q = "SELECT EXISTS (SELECT 1 FROM pragma_database_list WHERE name = 'prev')";
         self.conn.query_row(q, [], |r| r.get(0)).unwrap_or(false)
+    }
+
+    /// The piece list of the previous snapshot, when that snapshot is attached as
+    /// `prev`: the pieces a new metadata upload may reuse.
+    pub fn previous_pieces(&self) -> Result<Option<PieceList>> {
+        if !self.has_previous() {
+            return Ok(None);
+        }
+        let id: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT value FROM prev.meta WHERE key = 'snapshot_id'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.e())?;
+        let list = self
+            .setting("pieces")?
+            .and_then(|json| serde_json::from_str::<PieceList>(&json).ok());
+        Ok(list.filter(|l| id.as_ref() == Some(&l.snapshot)))
     }
 
     fn remove_previous(&self) -> Result<()> {

@@ -16,6 +16,7 @@ use crate::chunk::{ChunkHasher, ChunkId};
 use crate::crypt::{Identities, KeyError, RemoteReader, cipher_end};
 use crate::error::{Error, Result};
 use crate::pack::{BlobId, FrameOpener};
+use crate::pieces::{Checked, Located};
 use crate::progress::Progress;
 use crate::store::Repo;
 
@@ -214,10 +215,7 @@ impl<'a> BlobWorker<'a> {
         g: Geometry,
         what: &str,
     ) -> Result<BlobReader> {
-        let (remote, hint) = RemoteReader::new(self.repo.clone(), key.clone(), g.size);
-        hint.store(g.payload_start, Ordering::Relaxed);
-        let plain = self.ids.decrypt(remote, what)?;
-        Ok(BlobReader { plain, hint, g })
+        BlobReader::open(self.repo, self.ids, key, g, what)
     }
 
     fn place(&mut self, w: &Want, frame: &[u8], bad: &mut Damaged) -> Result<()> {
@@ -380,12 +378,87 @@ struct BlobReader {
 }
 
 impl BlobReader {
+    fn open(
+        repo: &Repo,
+        ids: &Identities,
+        key: &object_store::path::Path,
+        g: Geometry,
+        what: &str,
+    ) -> Result<Self> {
+        let (remote, hint) = RemoteReader::new(repo.clone(), key.clone(), g.size);
+        hint.store(g.payload_start, Ordering::Relaxed);
+        let plain = ids.decrypt(remote, what)?;
+        Ok(BlobReader { plain, hint, g })
+    }
+
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let end = cipher_end(self.g.payload_start, offset + buf.len() as u64, self.g.size);
         self.hint.store(end, Ordering::Relaxed);
         self.plain.seek(SeekFrom::Start(offset))?;
         self.plain.read_exact(buf)
     }
+}
+
+/// Reads the pieces of a metadata database (manifest format 3) into `out`, each
+/// decompressed to its listed length and hash-checked; any piece that fails fails all.
+pub(super) fn fetch_pieces(
+    repo: &Repo,
+    ids: &Identities,
+    list: &Checked,
+    out: &std::fs::File,
+    what: &str,
+) -> Result<()> {
+    let mut frames = FrameOpener::new(ChunkHasher::new(list.chunk_key))?;
+    let mut by_blob: Vec<Vec<&Located>> = vec![Vec::new(); list.blob_ids.len()];
+    for p in &list.pieces {
+        by_blob[p.blob].push(p);
+    }
+    for (n, mut pieces) in by_blob.into_iter().enumerate() {
+        if pieces.is_empty() {
+            continue;
+        }
+        pieces.sort_by_key(|p| p.offset);
+        let b = &list.list.blobs[n];
+        let g = Geometry {
+            size: b.size,
+            payload_start: b.payload_start,
+        };
+        let blob = list.blob_ids[n].to_hex();
+        let wants: Vec<Want> = pieces
+            .iter()
+            .map(|p| Want {
+                id: p.id,
+                offset: p.offset,
+                clen: u64::from(p.clen),
+                ulen: p.ulen,
+            })
+            .collect();
+        let key = repo.blob_key(&list.blob_ids[n]);
+        let mut reader = BlobReader::open(repo, ids, &key, g, what)?;
+        let damaged = |why: String| Error::Pipeline(format!("{what}: blob {blob}: {why}"));
+        for span in spans(&wants) {
+            let start = wants[span.start].offset;
+            let end = wants[span.clone()]
+                .iter()
+                .map(|w| w.offset + w.clen)
+                .max()
+                .unwrap_or(start);
+            let mut buf = vec![0u8; (end - start) as usize];
+            reader
+                .read_at(start, &mut buf)
+                .map_err(|e| damaged(e.to_string()))?;
+            for (w, p) in wants[span.clone()].iter().zip(&pieces[span]) {
+                let at = (w.offset - start) as usize;
+                let frame = &buf[at..at + w.clen as usize];
+                let data = frames
+                    .open(frame, w.ulen, w.id)
+                    .map_err(|e| damaged(e.to_string()))?;
+                out.write_all_at(&data, p.at)
+                    .map_err(|e| Error::io("writing", what, e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Groups wanted chunks (sorted by offset) into ranges read with one request each.

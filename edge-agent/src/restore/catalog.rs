@@ -12,6 +12,7 @@ use rusqlite::config::DbConfig;
 use crate::chunk::ChunkHasher;
 use crate::crypt::{Identities, KeyError};
 use crate::error::{Error, Result};
+use crate::pieces::{Checked, PieceList};
 use crate::snapshot::{MANIFEST_FORMAT, METADATA_FORMAT, Manifest, SnapshotId, meta_value};
 use crate::store::{Object, Repo, StoreError};
 
@@ -21,6 +22,9 @@ const MAX_MANIFEST: u64 = 1 << 20;
 /// [`METADATA_SLACK`]: SQLite compresses well, but not a thousandfold.
 const METADATA_RATIO: u64 = 200;
 const METADATA_SLACK: u64 = 256 << 20;
+/// A piece list names 64 KiB of database in about 200 bytes of JSON: 64 MiB of list is
+/// a database of 20 GiB.
+const MAX_PIECE_LIST: u64 = 64 << 20;
 
 /// The snapshots of a repository, and the manifest objects that could not be read.
 #[derive(Debug, Default)]
@@ -236,6 +240,56 @@ fn decompress_capped(plain: impl Read, out: &mut impl Write, limit: u64, what: &
     Ok(())
 }
 
+/// Reads the database a piece list describes into `out`.
+fn read_pieces(
+    repo: &Repo,
+    ids: &Identities,
+    json: &[u8],
+    snapshot: &str,
+    out: &std::fs::File,
+    what: &str,
+) -> Result<Checked> {
+    let list: PieceList = serde_json::from_slice(json)
+        .map_err(|e| Error::Pipeline(format!("{what}: the piece list is not valid: {e}")))?;
+    let list = list
+        .check(snapshot)
+        .map_err(|e| Error::Pipeline(format!("{what}: {e}")))?;
+    super::blobs::fetch_pieces(repo, ids, &list, out, what)?;
+    Ok(list)
+}
+
+/// Adds the pieces and their blobs to the private copy's `chunks` and `blobs`, so that
+/// prune keeps them and verify checks them like any other.
+fn list_pieces(conn: &Connection, list: &Checked) -> Result<()> {
+    let mut blob = conn.prepare(
+        "INSERT OR IGNORE INTO blobs (id, size, plain_size, payload_start, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for (b, id) in list.list.blobs.iter().zip(&list.blob_ids) {
+        let hash = hex::decode(&b.hash).unwrap_or_default();
+        blob.execute(rusqlite::params![
+            id.to_hex(),
+            b.size as i64,
+            b.plain_size as i64,
+            b.payload_start as i64,
+            hash
+        ])?;
+    }
+    let mut chunk = conn.prepare(
+        "INSERT OR IGNORE INTO chunks (id, blob_id, offset, clen, ulen) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for p in &list.pieces {
+        chunk.execute(rusqlite::params![
+            &p.id.0[..],
+            list.blob_ids[p.blob].to_hex(),
+            p.offset as i64,
+            p.clen,
+            p.ulen
+        ])?;
+    }
+    Ok(())
+}
+
 pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Result<Metadata> {
     let id = SnapshotId::parse(&manifest.id)
         .ok_or_else(|| Error::SnapshotNotFound(manifest.id.clone()))?;
@@ -259,14 +313,32 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
         .saturating_mul(METADATA_RATIO)
         .saturating_add(METADATA_SLACK);
     // Streamed: decrypted and decompressed as it arrives, hashed on the way; nothing
-    // from the file is trusted until the hash matches.
+    // from the object is trusted until the hash matches.
     let mut sealed = repo.reader(&key)?;
     let plain = ids.decrypt(&mut sealed, &what)?;
-    decompress_capped(plain, file.as_file_mut(), limit, &what)?;
+    let pieces = if manifest.format >= 3 {
+        let mut json = Vec::new();
+        decompress_capped(plain, &mut json, MAX_PIECE_LIST, &what)?;
+        Some(json)
+    } else {
+        decompress_capped(plain, file.as_file_mut(), limit, &what)?;
+        None
+    };
     let (count, hash) = sealed.digest();
     if count != manifest.metadata_size || hex::encode(hash) != manifest.metadata_hash {
         return Err(damaged());
     }
+    let pieces = match pieces {
+        Some(json) => Some(read_pieces(
+            repo,
+            ids,
+            &json,
+            &manifest.id,
+            file.as_file(),
+            &what,
+        )?),
+        None => None,
+    };
     let conn = Connection::open(file.path())?;
     harden(&conn)?;
     // A private, disposable copy: durability would only cost fsyncs.
@@ -291,6 +363,9 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
             hex::decode_to_slice(k, &mut b).ok().map(|_| b)
         })
         .ok_or_else(|| Error::Pipeline(format!("{what}: no chunk key")))?;
+    if let Some(list) = &pieces {
+        list_pieces(&conn, list)?;
+    }
     conn.execute_batch(
         "CREATE INDEX IF NOT EXISTS fc_chunk ON file_chunks (chunk_id);
          CREATE INDEX IF NOT EXISTS xattrs_chunk ON xattrs (chunk_id);

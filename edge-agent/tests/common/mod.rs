@@ -308,20 +308,90 @@ pub fn snapshot_list(bucket: &str, prefix: &str, env: &[(&str, &str)]) -> Vec<se
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Decrypts a metadata object with the stock `age` and `zstd` tools into `db`.
-pub fn decrypt_metadata(key: &Key, meta: &Path, db: &Path) {
-    let _ = std::fs::remove_file(db);
-    let sh = format!(
-        "age -d -i {} {} | zstd -q -d -o {}",
-        key.file.display(),
-        meta.display(),
-        db.display()
-    );
-    let st = Command::new("sh").arg("-c").arg(&sh).status().unwrap();
+/// Output of a shell command, which must succeed (`stdin` is fed to it).
+fn sh_output(sh: &str, stdin: &[u8]) -> Vec<u8> {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(sh)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let feed = std::thread::spawn(move || input.write_all(&data));
+    let out = child.wait_with_output().unwrap();
+    feed.join().unwrap().unwrap();
     assert!(
-        st.success(),
+        out.status.success(),
         "{sh} failed (age and zstd come from ./scripts/test.sh)"
     );
+    out.stdout
+}
+
+/// The piece list of a metadata object (manifest format 3), decrypted with stock tools.
+pub fn piece_list(key: &Key, meta: &Path) -> serde_json::Value {
+    let age = format!("age -d -i {}", key.file.display());
+    let list = sh_output(&format!("{age} {} | zstd -q -d", meta.display()), b"");
+    serde_json::from_slice(&list).unwrap()
+}
+
+/// The blob files of a repository directory that hold file content: every blob but
+/// those the snapshots' piece lists name.
+pub fn data_blobs(repo: &Path, key: &Key) -> Vec<PathBuf> {
+    let mut metadata = std::collections::HashSet::new();
+    for e in std::fs::read_dir(repo.join("index")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|e| e == "metadata") {
+            for b in piece_list(key, &p)["blobs"].as_array().unwrap() {
+                metadata.insert(b["id"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    walk(&repo.join("blobs"))
+        .into_iter()
+        .filter(|(p, m)| {
+            m.is_file() && !metadata.contains(p.file_name().unwrap().to_str().unwrap())
+        })
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// Rebuilds a snapshot's metadata database into `db` with the stock `age` and `zstd`
+/// tools, as docs/FORMAT.md describes: the metadata object is a list of pieces, each a
+/// frame in a blob of the same repository (a directory: `meta` is `<repo>/index/…`).
+pub fn decrypt_metadata(key: &Key, meta: &Path, db: &Path) {
+    let age = format!("age -d -i {}", key.file.display());
+    let list = piece_list(key, meta);
+    let repo = meta.parent().unwrap().parent().unwrap();
+    let blobs: Vec<Vec<u8>> = list["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let id = b["id"].as_str().unwrap();
+            let path = repo.join("blobs").join(&id[..2]).join(id);
+            sh_output(&format!("{age} {}", path.display()), b"")
+        })
+        .collect();
+    let mut chunk_key = [0u8; 32];
+    hex::decode_to_slice(list["chunk_key"].as_str().unwrap(), &mut chunk_key).unwrap();
+    let mut out = Vec::new();
+    for p in list["pieces"].as_array().unwrap() {
+        let n = |k: &str| p[k].as_u64().unwrap() as usize;
+        let frame = &blobs[n("blob")][n("offset")..n("offset") + n("clen")];
+        let id = p["id"].as_str().unwrap();
+        let keyed = |b: &[u8]| blake3::keyed_hash(&chunk_key, b).to_hex().to_string();
+        let piece = if n("clen") == n("ulen") && keyed(frame) == id {
+            frame.to_vec()
+        } else {
+            sh_output("zstd -q -d -c", frame)
+        };
+        assert_eq!(keyed(&piece), id, "piece hash");
+        out.extend_from_slice(&piece);
+    }
+    assert_eq!(out.len() as u64, list["size"].as_u64().unwrap());
+    std::fs::write(db, out).unwrap();
 }
 
 /// Runs `sql` with the stock `sqlite3` and returns its output.
@@ -574,8 +644,10 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// Decrypts a snapshot's metadata with stock tools, runs `sql` on it, and re-encrypts
-/// it with a matching manifest, as an attacker with the public key could.
+/// Rebuilds a snapshot's metadata with stock tools, runs `sql` on it, and writes it
+/// back with a matching manifest, as an attacker with the public key could: as a
+/// manifest-format-2 snapshot (the whole database in the metadata object), which
+/// readers still accept.
 pub fn tamper_metadata(repo: &Path, key: &Key, sql: &str) {
     let idx = repo.join("index");
     let meta = std::fs::read_dir(&idx)
@@ -585,9 +657,9 @@ pub fn tamper_metadata(repo: &Path, key: &Key, sql: &str) {
         .unwrap();
     let db = meta.with_extension("tamper.sqlite");
     let _ = std::fs::remove_file(&db);
+    decrypt_metadata(key, &meta, &db);
     let sh = format!(
-        "age -d -i {k} {m} | zstd -q -d -o {db} && sqlite3 {db} \"{sql}\" && zstd -q -c {db} | age -r {r} -o {m}.new && mv {m}.new {m}",
-        k = key.file.display(),
+        "sqlite3 {db} \"{sql}\" && zstd -q -c {db} | age -r {r} -o {m}.new && mv {m}.new {m}",
         m = meta.display(),
         db = db.display(),
         r = key.public,
@@ -604,6 +676,7 @@ pub fn tamper_metadata(repo: &Path, key: &Key, sql: &str) {
     std::fs::remove_file(&db).unwrap();
     let sealed = std::fs::read(&meta).unwrap();
     rewrite_manifest(&meta.with_extension("snapshot"), key, |m| {
+        m["format"] = 2.into();
         m["metadata_size"] = sealed.len().into();
         m["metadata_hash"] = hex::encode(blake3::hash(&sealed).as_bytes()).into();
     });

@@ -240,7 +240,7 @@ fn run_backup(
         files_changed: s.files_changed,
         bytes: s.bytes,
         new_bytes: s.new_bytes,
-        uploaded_bytes: s.uploaded_bytes,
+        uploaded_bytes: s.uploaded_bytes.saturating_add(s.metadata_bytes),
         skipped: u64::try_from(out.skipped.len()).unwrap_or(u64::MAX),
         duration_ms: 0,
         snapshot: Some(id),
