@@ -53,6 +53,9 @@ pub enum Error {
     PathNotInSnapshot(String),
     #[error("backup pipeline stopped: {0}")]
     Pipeline(String),
+    /// An object read from the bucket is damaged, or not what vaultik wrote.
+    #[error("{0}")]
+    Damaged(String),
 }
 
 impl Error {

@@ -74,6 +74,25 @@ impl Fixture {
             .join(format!("host1/blobs/{}/{blob}", &blob[..2]))
     }
 
+    /// The blob objects holding the snapshot's metadata pieces.
+    fn metadata_blobs(&self) -> Vec<PathBuf> {
+        let meta = self
+            .s3
+            .bucket_dir()
+            .join(format!("host1/index/{}.metadata", self.id));
+        piece_list(&self.key, &meta)["blobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                let id = b["id"].as_str().unwrap();
+                self.s3
+                    .bucket_dir()
+                    .join(format!("host1/blobs/{}/{id}", &id[..2]))
+            })
+            .collect()
+    }
+
     fn verify(&self, extra: &[&str]) -> (Option<i32>, String) {
         let mut args = vec!["verify", BUCKET, "host1"];
         args.extend_from_slice(extra);
@@ -311,4 +330,40 @@ fn backup_needs_only_write_access() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_same_tree(&src, &restored(&target, &src));
+}
+
+#[test]
+fn damaged_metadata_piece_is_named_and_nothing_restored() {
+    let fx = Fixture::new();
+    let blobs = fx.metadata_blobs();
+    assert_eq!(blobs.len(), 1);
+    let name = blobs[0].file_name().unwrap().to_str().unwrap().to_string();
+    let mut bytes = std::fs::read(&blobs[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&blobs[0], &bytes).unwrap();
+
+    let (code, out) = fx.verify(&[]);
+    assert_eq!(code, Some(3), "{out}");
+    assert!(
+        out.contains("metadata unreadable") && out.contains(&name),
+        "{out}"
+    );
+    let (code, err, _) = fx.restore();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.starts_with("vaultik: metadata of snapshot") && err.contains(&name),
+        "{err}"
+    );
+    assert!(!fx.t.path().join("restore").join("tmp").exists());
+
+    // Gone altogether: the agent, without the key, sees it too.
+    std::fs::remove_file(&blobs[0]).unwrap();
+    let out = vaultik(&["verify", "--config", fx.cfg.to_str().unwrap()], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("blob is missing") && text.contains(&name),
+        "{text}"
+    );
 }

@@ -507,3 +507,102 @@ impl Setup {
         Setup { s3, t, src, key }
     }
 }
+
+/// The ids of the blobs a snapshot's piece list names.
+fn piece_blobs(s3: &S3Server, key: &Key, id: &str) -> Vec<String> {
+    let meta = s3.bucket_dir().join(format!("host1/index/{id}.metadata"));
+    piece_list(key, &meta)["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn metadata_pieces_are_shared_between_snapshots_and_kept_by_prune() {
+    let s3 = S3Server::start();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    // Enough entries for a metadata database of many pieces.
+    for d in 0..40 {
+        for f in 0..150 {
+            write_file(
+                &src.join(format!("d{d:02}/file-{f:03}.txt")),
+                format!("{d} {f}\n").as_bytes(),
+            );
+        }
+    }
+    let key = keygen(t.path());
+    let env = s3_env(&s3.endpoint, &key);
+    let cfg = s3_config(t.path(), &s3.endpoint, "host1", &[&src], &key, "");
+    backup_ok(&cfg);
+    write_file(&src.join("d07/file-042.txt"), b"edited\n");
+    backup_ok(&cfg);
+    backup_ok(&cfg);
+    let ids = snapshot_ids(&env);
+    // Each piece as (its id, the blob it lies in): a piece stored again would lie in
+    // a new blob.
+    let pieces: Vec<Vec<(String, String)>> = ids
+        .iter()
+        .map(|id| {
+            let meta = s3.bucket_dir().join(format!("host1/index/{id}.metadata"));
+            let list = piece_list(&key, &meta);
+            let blobs = list["blobs"].as_array().unwrap();
+            list["pieces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| {
+                    let blob = &blobs[p["blob"].as_u64().unwrap() as usize];
+                    (p["id"].to_string(), blob["id"].to_string())
+                })
+                .collect()
+        })
+        .collect();
+    let new_in = |n: usize| {
+        pieces[n]
+            .iter()
+            .filter(|p| !pieces[n - 1].contains(p))
+            .count()
+    };
+    assert!(pieces[0].len() >= 25, "{} pieces", pieces[0].len());
+    // One edited file touches a few pages; an unchanged tree only the header's. Every
+    // other piece is where the snapshot before put it.
+    assert!(
+        new_in(1) <= 10,
+        "{} pieces stored after one edit",
+        new_in(1)
+    );
+    assert!(
+        new_in(2) <= 1,
+        "{} pieces stored with nothing changed",
+        new_in(2)
+    );
+    let ids = snapshot_ids(&env);
+    let oldest = piece_blobs(&s3, &key, &ids[0]);
+    assert!(
+        piece_blobs(&s3, &key, &ids[2])
+            .iter()
+            .any(|b| oldest.contains(b)),
+        "the newest snapshot reuses no piece of the first"
+    );
+
+    // The first two snapshots go; the blobs holding pieces the third still lists stay.
+    prune(
+        &env,
+        &[
+            "--keep-last",
+            "1",
+            "--safety-margin",
+            "0s",
+            "--allow-short-margin",
+        ],
+    );
+    assert_eq!(snapshot_ids(&env), ids[2..].to_vec());
+    latest_restores_exactly(&env, t.path(), &src, "prune of the older snapshots");
+    // And the agent still builds on them.
+    write_file(&src.join("d19/new.txt"), b"new\n");
+    backup_ok(&cfg);
+    latest_restores_exactly(&env, t.path(), &src, "a backup after the prune");
+}

@@ -151,8 +151,15 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
         chain.reverse();
         let before = self.index.run_stat(relative_bytes(root))?;
         for p in chain {
-            self.index.remove_path(relative_bytes(p))?;
-            self.restat(p)?;
+            let rel = relative_bytes(p);
+            let kept = match std::fs::symlink_metadata(p) {
+                Ok(meta) => self.same_dir(rel, &meta)?,
+                Err(_) => false,
+            };
+            if !kept {
+                self.index.remove_path(rel)?;
+                self.restat(p)?;
+            }
         }
         let Ok(meta) = std::fs::symlink_metadata(root) else {
             return Ok(());

@@ -434,8 +434,9 @@ pub(super) fn fetch_pieces(
             })
             .collect();
         let key = repo.blob_key(&list.blob_ids[n]);
-        let mut reader = BlobReader::open(repo, ids, &key, g, what)?;
-        let damaged = |why: String| Error::Pipeline(format!("{what}: blob {blob}: {why}"));
+        let damaged = |why: String| Error::Damaged(format!("{what}: blob {blob}: {why}"));
+        let mut reader =
+            BlobReader::open(repo, ids, &key, g, what).map_err(|e| damaged(e.to_string()))?;
         for span in spans(&wants) {
             let start = wants[span.start].offset;
             let end = wants[span.clone()]

@@ -125,7 +125,7 @@ pub fn open_manifest(
         message,
     })?;
     if m.format > MANIFEST_FORMAT {
-        return Err(Error::Pipeline(format!(
+        return Err(Error::Damaged(format!(
             "{what} has manifest format {}; this vaultik reads up to {MANIFEST_FORMAT}: upgrade vaultik",
             m.format,
         )));
@@ -219,7 +219,7 @@ fn check_schema(conn: &Connection, what: &str) -> Result<()> {
             } else {
                 kind.as_str()
             };
-            return Err(Error::Pipeline(format!(
+            return Err(Error::Damaged(format!(
                 "{what} is not vaultik metadata: it holds a {shown} {name:?}"
             )));
         }
@@ -233,7 +233,7 @@ fn decompress_capped(plain: impl Read, out: &mut impl Write, limit: u64, what: &
     let copied = std::io::copy(&mut z.take(limit.saturating_add(1)), out)
         .map_err(|e| Error::io("decompressing", what, e))?;
     if copied > limit {
-        return Err(Error::Pipeline(format!(
+        return Err(Error::Damaged(format!(
             "{what} decompresses to more than {limit} bytes: it is damaged or hostile"
         )));
     }
@@ -250,10 +250,10 @@ fn read_pieces(
     what: &str,
 ) -> Result<Checked> {
     let list: PieceList = serde_json::from_slice(json)
-        .map_err(|e| Error::Pipeline(format!("{what}: the piece list is not valid: {e}")))?;
+        .map_err(|e| Error::Damaged(format!("{what}: the piece list is not valid: {e}")))?;
     let list = list
         .check(snapshot)
-        .map_err(|e| Error::Pipeline(format!("{what}: {e}")))?;
+        .map_err(|e| Error::Damaged(format!("{what}: {e}")))?;
     super::blobs::fetch_pieces(repo, ids, &list, out, what)?;
     Ok(list)
 }
@@ -296,7 +296,7 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
     let what = format!("metadata of snapshot {id}");
     let key = repo.metadata_key(&id);
     let damaged = || {
-        Error::Pipeline(format!(
+        Error::Damaged(format!(
             "{what} is damaged: its size or hash does not match the manifest"
         ))
     };
@@ -343,13 +343,13 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
     harden(&conn)?;
     // A private, disposable copy: durability would only cost fsyncs.
     conn.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")
-        .map_err(|e| Error::Pipeline(format!("{what} is not a database: {e}")))?;
+        .map_err(|e| Error::Damaged(format!("{what} is not a database: {e}")))?;
     check_schema(&conn, &what)?;
     let format: u32 = meta_value(&conn, "format")?
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| Error::Pipeline(format!("{what}: no format version")))?;
+        .ok_or_else(|| Error::Damaged(format!("{what}: no format version")))?;
     if format > METADATA_FORMAT {
-        return Err(Error::Pipeline(format!(
+        return Err(Error::Damaged(format!(
             "{what} has format {format}; this vaultik reads up to {METADATA_FORMAT}: upgrade vaultik"
         )));
     }
@@ -362,7 +362,7 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
             let mut b = [0u8; 32];
             hex::decode_to_slice(k, &mut b).ok().map(|_| b)
         })
-        .ok_or_else(|| Error::Pipeline(format!("{what}: no chunk key")))?;
+        .ok_or_else(|| Error::Damaged(format!("{what}: no chunk key")))?;
     if let Some(list) = &pieces {
         list_pieces(&conn, list)?;
     }
