@@ -148,3 +148,42 @@ fn daemon_backs_up_every_interval() {
         "the daemon made {count} snapshots in 20 s with a 1 s interval"
     );
 }
+
+#[test]
+fn a_carried_run_keeps_only_the_chunks_and_blobs_its_files_use() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for (name, seed) in [("a.bin", 1), ("b.bin", 2), ("c.bin", 3)] {
+        std::fs::write(src.join(name), pseudo_random(300_000, seed)).unwrap();
+    }
+    let key = keygen(t.path());
+    let cfg = local_config(
+        t.path(),
+        &[&src],
+        &key,
+        "chunk_size: 64KiB\nblob_size_limit: 256KiB\n",
+    );
+    backup_ok(&cfg);
+    std::fs::remove_file(src.join("a.bin")).unwrap();
+    std::fs::write(src.join("c.bin"), pseudo_random(300_000, 4)).unwrap();
+    backup_ok(&cfg);
+
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let list = snapshot_list(&local_repo(t.path()), "", &env);
+    let id = list.last().unwrap()["id"].as_str().unwrap().to_string();
+    let meta = t.path().join(format!("repo/index/{id}.metadata"));
+    let db = t.path().join("last.sqlite");
+    decrypt_metadata(&key, &meta, &db);
+    let counts = sqlite(
+        &db,
+        "SELECT count(*) FROM chunks;
+         SELECT count(*) FROM chunks WHERE id NOT IN (SELECT chunk_id FROM file_chunks)
+             AND id NOT IN (SELECT chunk_id FROM xattrs WHERE chunk_id IS NOT NULL);
+         SELECT count(*) FROM blobs WHERE id NOT IN (SELECT blob_id FROM chunks);",
+    );
+    let counts: Vec<u64> = counts.lines().map(|l| l.parse().unwrap()).collect();
+    assert!(counts[0] > 0, "{counts:?}");
+    assert_eq!(counts[1..], [0, 0], "unused chunk rows, unused blob rows");
+    restore_latest_matches(t.path(), &key, &src, "r2");
+}

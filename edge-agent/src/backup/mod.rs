@@ -211,21 +211,6 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         thread::spawn(move || packer(frame_rx, repo, recipients, limit, done_tx))
     };
 
-    let mut scan = Scanner {
-        index: &index,
-        hasher: &hasher,
-        config,
-        chunk_tx: Some(chunk_tx),
-        batch: Vec::new(),
-        batch_bytes: 0,
-        done_rx: &done_rx,
-        pending: HashSet::new(),
-        summary: Summary::default(),
-        skipped: Vec::new(),
-        progress: &opts.progress,
-        rehash,
-        last_commit: Instant::now(),
-    };
     let sources: Vec<String> = roots
         .paths
         .iter()
@@ -252,6 +237,21 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         _ if rehash || visit_due || !index.carry_previous(&key)? => Plan::Walk,
         Scope::Changed(c) if !walk_due && c.roots == roots.paths => Plan::Changed(&c.dirs),
         _ => Plan::Carried,
+    };
+    let mut scan = Scanner {
+        index: &index,
+        hasher: &hasher,
+        config,
+        chunk_tx: Some(chunk_tx),
+        batch: Vec::new(),
+        batch_bytes: 0,
+        done_rx: &done_rx,
+        pending: HashSet::new(),
+        summary: Summary::default(),
+        skipped: Vec::new(),
+        progress: &opts.progress,
+        rehash,
+        last_commit: Instant::now(),
     };
     let mut walk_skipped = Vec::new();
     let mut visit = |e| {

@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::Result;
-use crate::index::{FileStat, Index};
+use crate::index::{Child, FileStat, Index};
 use crate::progress::Progress;
 use crate::scan::{
     Entry, Excludes, Visit, normalize_roots, read_sorted, relative_bytes, walk_tree,
@@ -237,7 +237,12 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
         }
         self.count += 1;
         let rel = relative_bytes(dir).to_vec();
-        let before: HashMap<Vec<u8>, String> = self.index.run_children(&rel)?.into_iter().collect();
+        let before: HashMap<Vec<u8>, Child> = self
+            .index
+            .run_children(&rel)?
+            .into_iter()
+            .map(|c| (c.path.clone(), c))
+            .collect();
         let meta = match std::fs::symlink_metadata(dir) {
             Ok(m) if m.is_dir() => m,
             // Gone, or no longer a directory: its parent's rescan deals with it.
@@ -265,19 +270,15 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
         }
         let queued = self.queue.len();
         for path in now {
-            self.entry(
-                &absolute(&path),
-                &path,
-                before.get(&path).map(String::as_str),
-            )?;
+            self.entry(&absolute(&path), &path, before.get(&path))?;
         }
         // Popped in byte order.
         self.queue[queued..].reverse();
         Ok(())
     }
 
-    /// One entry of a rescanned directory; `was` is its kind in the run so far.
-    fn entry(&mut self, abs: &Path, rel: &[u8], was: Option<&str>) -> Result<()> {
+    /// One entry of a rescanned directory; `was` is what the run holds for it so far.
+    fn entry(&mut self, abs: &Path, rel: &[u8], was: Option<&Child>) -> Result<()> {
         if self.excludes.is_excluded(abs) {
             return self.index.remove_subtree(rel);
         }
@@ -288,13 +289,15 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
                 return self.index.remove_subtree(rel);
             }
         };
-        if meta.is_dir() && was == Some("dir") {
-            let before = self.index.run_stat(rel)?;
-            if let Some(b) = before.filter(|b| b.dev == meta.dev() && b.ino == meta.ino()) {
+        if meta.is_dir()
+            && let Some(was) = was.filter(|w| w.kind == "dir")
+        {
+            let b = &was.stat;
+            if b.dev == meta.dev() && b.ino == meta.ino() {
                 // The same directory: its entries are carried over, unless its own
                 // listing changed (events made before a new directory was watched).
                 // Listing it visits its own entry too.
-                if self.full || !same_stat(&b, &meta, false) {
+                if self.full || !same_stat(b, &meta, false) {
                     self.queue.push(abs.to_path_buf());
                     return Ok(());
                 }
@@ -310,7 +313,7 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
             // New here, or another directory under the old name.
             return self.walk_anew(abs, rel);
         }
-        if self.full && self.unchanged(rel, was, &meta)? {
+        if self.full && self.unchanged(was, &meta) {
             return Ok(());
         }
         self.index.remove_subtree(rel)?;
@@ -329,9 +332,6 @@ impl<'a, 'v> PartialWalk<'a, 'v> {
 }
 
 impl PartialWalk<'_, '_> {
-    /// True when a file, symlink or hard link is as the run holds it: same device,
-    /// inode, size, modification and change time (a change of content, mode, owner,
-    /// link count or extended attributes moves the change time).
     /// True when the run holds `rel` as a directory with this stat data.
     fn same_dir(&self, rel: &[u8], meta: &std::fs::Metadata) -> Result<bool> {
         if self.index.run_kind(rel)?.as_deref() != Some("dir") {
@@ -343,17 +343,17 @@ impl PartialWalk<'_, '_> {
             .is_some_and(|b| same_stat(&b, meta, false)))
     }
 
-    fn unchanged(&self, rel: &[u8], was: Option<&str>, meta: &std::fs::Metadata) -> Result<bool> {
-        let sized = match was {
+    /// True when a file, symlink or hard link is as the run holds it (`was`): same
+    /// device, inode, size, modification and change time (a change of content, mode,
+    /// owner, link count or extended attributes moves the change time).
+    fn unchanged(&self, was: Option<&Child>, meta: &std::fs::Metadata) -> bool {
+        let sized = match was.map(|w| w.kind.as_str()) {
             Some("file") if meta.is_file() => true,
             Some("hardlink") if meta.is_file() => false,
             Some("symlink") if meta.is_symlink() => false,
-            _ => return Ok(false),
+            _ => return false,
         };
-        let same = self
-            .index
-            .run_stat(rel)?
-            .is_some_and(|b| same_stat(&b, meta, sized));
+        let same = was.is_some_and(|w| same_stat(&w.stat, meta, sized));
         if same
             && sized
             && let Some(p) = self.progress
@@ -361,7 +361,7 @@ impl PartialWalk<'_, '_> {
             p.add_file();
             p.add_bytes(meta.size());
         }
-        Ok(same)
+        same
     }
 }
 

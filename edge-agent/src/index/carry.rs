@@ -13,6 +13,14 @@ pub struct CarryKey<'a> {
     pub excludes: &'a str,
 }
 
+/// An entry the run holds, as a directory listing compares it.
+#[derive(Debug, Clone)]
+pub struct Child {
+    pub path: Vec<u8>,
+    pub kind: String,
+    pub stat: FileStat,
+}
+
 /// Entries of the run by kind, and the bytes of its regular files.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RunTotals {
@@ -50,7 +58,7 @@ impl Index {
     /// excludes. False, and the run stays empty, otherwise. A copy rather than rows
     /// inserted anew: pages no change touches stay as they were, and the metadata
     /// upload skips them (`pieces`).
-    pub fn carry_previous(&self, key: &CarryKey<'_>) -> Result<bool> {
+    pub fn carry_previous(&mut self, key: &CarryKey<'_>) -> Result<bool> {
         if !self.previous_matches(key)? {
             return Ok(false);
         }
@@ -64,7 +72,8 @@ impl Index {
                 .map_err(|err| Error::io("emptying the run database", &self.run_path, err))?;
         }
         self.attach_run()?;
-        Ok(copied.is_ok())
+        self.carried = copied.is_ok();
+        Ok(self.carried)
     }
 
     fn previous_matches(&self, key: &CarryKey<'_>) -> Result<bool> {
@@ -110,25 +119,31 @@ impl Index {
             .map_err(self.e())
     }
 
-    /// The run's entries directly in `dir`: (path, kind).
-    pub fn run_children(&self, dir: &[u8]) -> Result<Vec<(Vec<u8>, String)>> {
+    /// The run's entries directly in `dir`.
+    pub fn run_children(&self, dir: &[u8]) -> Result<Vec<Child>> {
         let (lo, hi) = below(dir);
         let skip = i64::try_from(lo.len()).unwrap_or(i64::MAX) + 1;
         let mut stmt = self
             .conn
             .prepare_cached(&format!(
-                "SELECT path, kind FROM run.nodes
+                "SELECT path, kind, dev, ino, size, mtime_ns, ctime_ns FROM run.nodes
                  WHERE {} AND instr(substr(path, ?3), X'2F') = 0",
                 within(&hi)
             ))
             .map_err(self.e())?;
         let rows = stmt
-            .query_map(params![lo, hi, skip], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map(params![lo, hi, skip], |r| {
+                Ok(Child {
+                    path: r.get(0)?,
+                    kind: r.get(1)?,
+                    stat: super::file_stat(r, 2)?,
+                })
+            })
             .and_then(|rows| rows.collect::<std::result::Result<Vec<_>, _>>())
             .map_err(self.e())?;
         Ok(rows
             .into_iter()
-            .filter(|(p, _): &(Vec<u8>, _)| p.len() > lo.len())
+            .filter(|c| c.path.len() > lo.len())
             .collect())
     }
 
@@ -152,6 +167,14 @@ impl Index {
         let range = within(&hi);
         let under = format!("SELECT id FROM run.nodes WHERE {range}");
         for sql in [
+            format!(
+                "INSERT OR IGNORE INTO temp.dropped
+                     SELECT chunk_id FROM run.file_chunks WHERE node_id IN ({under})"
+            ),
+            format!(
+                "INSERT OR IGNORE INTO temp.dropped SELECT chunk_id FROM run.xattrs
+                 WHERE node_id IN ({under}) AND chunk_id IS NOT NULL"
+            ),
             format!("DELETE FROM run.file_chunks WHERE node_id IN ({under})"),
             format!("DELETE FROM run.xattrs WHERE node_id IN ({under})"),
             format!("DELETE FROM run.nodes WHERE {range}"),

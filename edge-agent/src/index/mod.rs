@@ -10,7 +10,7 @@
 
 mod carry;
 mod previous;
-pub use carry::{CarryKey, RunTotals};
+pub use carry::{CarryKey, Child, RunTotals};
 
 use std::path::{Path, PathBuf};
 
@@ -96,6 +96,10 @@ pub struct Index {
     /// chunks to deduplicate against: a first backup then skips both lookups per chunk.
     dedup_prev: bool,
     dedup_salvage: bool,
+    /// The run began as a byte copy of the previous snapshot (`carry_previous`): it
+    /// holds every chunk and blob row of it, and only the chunks of removed rows
+    /// (`temp.dropped`) may have lost their last reference.
+    carried: bool,
     /// Things the user should hear about once (a damaged index, a recovered run).
     notices: Vec<String>,
     /// Held while a backup uses the index (`<index>.lock`).
@@ -282,6 +286,7 @@ impl Index {
             read_only: false,
             dedup_prev: false,
             dedup_salvage: false,
+            carried: false,
             notices: Vec::new(),
             _lock: None,
         }
@@ -303,18 +308,21 @@ impl Index {
         sql_err(&self.path)
     }
 
-    /// The per-index key of chunk ids; made on first use.
-    pub fn chunk_key(&self) -> Result<[u8; 32]> {
+    /// A 32-byte setting, if it is there.
+    fn setting_bytes(&self, key: &str) -> Result<Option<[u8; 32]>> {
         let got: Option<Vec<u8>> = self
             .conn
-            .query_row(
-                "SELECT value FROM settings WHERE key = 'chunk_key'",
-                [],
-                |r| r.get(0),
-            )
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(self.e())?;
-        if let Some(k) = got.and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok()) {
+        Ok(got.and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok()))
+    }
+
+    /// The per-index key of chunk ids; made on first use.
+    pub fn chunk_key(&self) -> Result<[u8; 32]> {
+        if let Some(k) = self.setting_bytes("chunk_key")? {
             return Ok(k);
         }
         let key: [u8; 32] = rand::random();
@@ -443,6 +451,7 @@ impl Index {
             }
         }
         private_file(&self.run_path)?;
+        self.carried = false;
         self.attach_run()
     }
 
@@ -457,7 +466,13 @@ impl Index {
         // Index names are qualified by their table's schema, not their own name.
         let schema = schema.replace("ON run.nodes", "ON nodes");
         self.conn.execute_batch(&schema).map_err(self.e())?;
-        self.conn.execute_batch("BEGIN").map_err(self.e())?;
+        self.conn
+            .execute_batch(
+                "CREATE TEMP TABLE IF NOT EXISTS dropped (id BLOB PRIMARY KEY) WITHOUT ROWID;
+                 DELETE FROM temp.dropped;
+                 BEGIN",
+            )
+            .map_err(self.e())?;
         Ok(())
     }
 
@@ -543,7 +558,11 @@ impl Index {
     pub fn remove_node(&self, node: i64) -> Result<()> {
         self.conn
             .execute_batch(&format!(
-                "DELETE FROM run.file_chunks WHERE node_id = {node};
+                "INSERT OR IGNORE INTO temp.dropped
+                     SELECT chunk_id FROM run.file_chunks WHERE node_id = {node};
+                 INSERT OR IGNORE INTO temp.dropped
+                     SELECT chunk_id FROM run.xattrs WHERE node_id = {node} AND chunk_id IS NOT NULL;
+                 DELETE FROM run.file_chunks WHERE node_id = {node};
                  DELETE FROM run.xattrs WHERE node_id = {node};
                  DELETE FROM run.nodes WHERE id = {node};"
             ))
@@ -671,26 +690,11 @@ impl Index {
     /// writes `meta`, and detaches it. Returns its path for upload.
     pub fn finish_run(&mut self, meta: &[(&str, String)]) -> Result<PathBuf> {
         let e = sql_err(&self.path);
-        // The chunks the run references, sorted once into a temporary table (sorting
-        // is cheaper than building an index in random order), then joined in id order.
-        self.conn
-            .execute_batch(
-                "CREATE TEMP TABLE refs (id BLOB PRIMARY KEY) WITHOUT ROWID;
-                 INSERT OR IGNORE INTO temp.refs SELECT chunk_id FROM run.file_chunks ORDER BY 1;
-                 INSERT OR IGNORE INTO temp.refs
-                     SELECT chunk_id FROM run.xattrs WHERE chunk_id IS NOT NULL;
-                 INSERT OR IGNORE INTO run.chunks
-                     SELECT c.* FROM temp.refs r JOIN prev.chunks c ON c.id = r.id;
-                 DELETE FROM run.chunks WHERE id NOT IN temp.refs;
-                 DROP TABLE temp.refs;
-                 DELETE FROM run.blobs WHERE id NOT IN (SELECT blob_id FROM run.chunks);
-                 INSERT OR IGNORE INTO run.blobs
-                     SELECT * FROM prev.blobs WHERE id IN (SELECT blob_id FROM run.chunks);
-                 INSERT OR IGNORE INTO run.blobs
-                     SELECT id, size, plain_size, payload_start, hash FROM main.partial_blobs
-                     WHERE id IN (SELECT blob_id FROM run.chunks);",
-            )
-            .map_err(&e)?;
+        if self.carried {
+            self.drop_unreferenced().map_err(&e)?;
+        } else {
+            self.keep_referenced().map_err(&e)?;
+        }
         for (k, v) in meta {
             self.conn
                 .execute(
@@ -716,6 +720,60 @@ impl Index {
             .execute_batch("COMMIT; DETACH DATABASE run")
             .map_err(&e)?;
         Ok(self.run_path.clone())
+    }
+
+    /// A run that started empty: copies the rows of chunks it took over from the
+    /// previous snapshot with a file's chunk list, and drops the rows of chunks no file
+    /// references and of blobs no chunk lies in.
+    fn keep_referenced(&self) -> rusqlite::Result<()> {
+        // The chunks the run references, sorted once into a temporary table (sorting
+        // is cheaper than building an index in random order), then joined in id order.
+        self.conn.execute_batch(
+            "CREATE TEMP TABLE refs (id BLOB PRIMARY KEY) WITHOUT ROWID;
+             INSERT OR IGNORE INTO temp.refs SELECT chunk_id FROM run.file_chunks ORDER BY 1;
+             INSERT OR IGNORE INTO temp.refs
+                 SELECT chunk_id FROM run.xattrs WHERE chunk_id IS NOT NULL;
+             INSERT OR IGNORE INTO run.chunks
+                 SELECT c.* FROM temp.refs r JOIN prev.chunks c ON c.id = r.id;
+             DELETE FROM run.chunks WHERE id NOT IN temp.refs;
+             DROP TABLE temp.refs;
+             DELETE FROM run.blobs WHERE id NOT IN (SELECT blob_id FROM run.chunks);
+             INSERT OR IGNORE INTO run.blobs
+                 SELECT * FROM prev.blobs WHERE id IN (SELECT blob_id FROM run.chunks);",
+        )?;
+        self.salvaged_blobs()
+    }
+
+    /// A run that started as a copy of the previous snapshot: of the chunks whose rows
+    /// it removed, drops those nothing references any more, then blobs left empty.
+    fn drop_unreferenced(&self) -> rusqlite::Result<()> {
+        let dropped = self.conn.execute(
+            "DELETE FROM run.chunks WHERE id IN temp.dropped
+                 AND id NOT IN (SELECT chunk_id FROM run.file_chunks WHERE chunk_id IN temp.dropped)
+                 AND id NOT IN (SELECT chunk_id FROM run.xattrs WHERE chunk_id IN temp.dropped)",
+            [],
+        )?;
+        if dropped > 0 {
+            self.conn.execute(
+                "DELETE FROM run.blobs WHERE id NOT IN (SELECT blob_id FROM run.chunks)",
+                [],
+            )?;
+        }
+        if self.dedup_salvage {
+            self.salvaged_blobs()?;
+        }
+        Ok(())
+    }
+
+    /// Rows for the blobs of an interrupted run whose chunks the run took over.
+    fn salvaged_blobs(&self) -> rusqlite::Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO run.blobs
+                 SELECT id, size, plain_size, payload_start, hash FROM main.partial_blobs
+                 WHERE id IN (SELECT blob_id FROM run.chunks)",
+            [],
+        )?;
+        Ok(())
     }
 
     /// Makes the uploaded snapshot the index's reference for the next run.

@@ -174,13 +174,7 @@ impl<'a> BlobWorker<'a> {
             }
         };
         for span in spans(&wants) {
-            let start = wants[span.start].offset;
-            let end = wants[span.clone()]
-                .iter()
-                .map(|w| w.offset + w.clen)
-                .max()
-                .unwrap_or(start);
-            let mut buf = vec![0u8; (end - start) as usize];
+            let (start, mut buf) = span_buffer(&wants[span.clone()]);
             if reader.read_at(start, &mut buf).is_ok() {
                 for w in &wants[span] {
                     let at = (w.offset - start) as usize;
@@ -438,13 +432,7 @@ pub(super) fn fetch_pieces(
         let mut reader =
             BlobReader::open(repo, ids, &key, g, what).map_err(|e| damaged(e.to_string()))?;
         for span in spans(&wants) {
-            let start = wants[span.start].offset;
-            let end = wants[span.clone()]
-                .iter()
-                .map(|w| w.offset + w.clen)
-                .max()
-                .unwrap_or(start);
-            let mut buf = vec![0u8; (end - start) as usize];
+            let (start, mut buf) = span_buffer(&wants[span.clone()]);
             reader
                 .read_at(start, &mut buf)
                 .map_err(|e| damaged(e.to_string()))?;
@@ -460,6 +448,18 @@ pub(super) fn fetch_pieces(
         }
     }
     Ok(())
+}
+
+/// Where a span of wanted chunks (sorted by offset, checked to lie inside their blob)
+/// starts, and a buffer as long as it.
+fn span_buffer(span: &[Want]) -> (u64, Vec<u8>) {
+    let start = span.first().map_or(0, |w| w.offset);
+    let end = span
+        .iter()
+        .map(|w| w.offset + w.clen)
+        .max()
+        .unwrap_or(start);
+    (start, vec![0u8; (end - start) as usize])
 }
 
 /// Groups wanted chunks (sorted by offset) into ranges read with one request each.
