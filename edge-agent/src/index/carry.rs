@@ -77,23 +77,8 @@ impl Index {
     }
 
     fn previous_matches(&self, key: &CarryKey<'_>) -> Result<bool> {
-        let meta = |k: &str| -> Result<Option<String>> {
-            self.conn
-                .query_row("SELECT value FROM prev.meta WHERE key = ?1", [k], |r| {
-                    r.get(0)
-                })
-                .optional()
-                .map_err(self.e())
-        };
-        let newest: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT id FROM main.snapshots ORDER BY rowid DESC LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(self.e())?;
+        let meta = |k: &str| self.prev_meta(k).map_err(self.e());
+        let newest = self.newest_snapshot().map_err(self.e())?;
         Ok(newest.is_some()
             && meta("snapshot_id")? == newest
             && meta("format")?.as_deref() == Some(key.format)

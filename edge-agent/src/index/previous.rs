@@ -15,8 +15,9 @@ use crate::pieces::PieceList;
 use crate::snapshot::metadata_schema;
 
 impl Index {
-    /// Attaches the previous snapshot as `prev` (outside a transaction). `check` runs
-    /// SQLite's quick check on it first; one that fails it is forgotten, with a notice.
+    /// Attaches the previous snapshot as `prev` (outside a transaction). `check` first
+    /// compares it with its piece hashes, or runs SQLite's quick check when they do not
+    /// match; one that fails is forgotten, with a notice.
     pub(super) fn attach_previous(&mut self, check: bool) -> Result<()> {
         if self.prev_path.exists() {
             let prev = self.prev_path.to_string_lossy().into_owned();
@@ -57,29 +58,43 @@ impl Index {
         if !self.has_previous() {
             return Ok(None);
         }
-        let id: Option<String> = self
-            .conn
+        let id = self.prev_meta("snapshot_id").map_err(self.e())?;
+        Ok(self
+            .kept_pieces()?
+            .filter(|l| id.as_ref() == Some(&l.snapshot)))
+    }
+
+    /// The piece list the index kept with its newest snapshot, if it has one.
+    fn kept_pieces(&self) -> Result<Option<PieceList>> {
+        Ok(self
+            .setting("pieces")?
+            .and_then(|json| serde_json::from_str::<PieceList>(&json).ok()))
+    }
+
+    /// A value of the previous snapshot's `meta` table.
+    pub(super) fn prev_meta(&self, key: &str) -> rusqlite::Result<Option<String>> {
+        self.conn
+            .query_row("SELECT value FROM prev.meta WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()
+    }
+
+    /// The newest snapshot the index recorded: the last one, whatever the clock said.
+    pub(super) fn newest_snapshot(&self) -> rusqlite::Result<Option<String>> {
+        self.conn
             .query_row(
-                "SELECT value FROM prev.meta WHERE key = 'snapshot_id'",
+                "SELECT id FROM main.snapshots ORDER BY rowid DESC LIMIT 1",
                 [],
                 |r| r.get(0),
             )
             .optional()
-            .map_err(self.e())?;
-        let list = self
-            .setting("pieces")?
-            .and_then(|json| serde_json::from_str::<PieceList>(&json).ok());
-        Ok(list.filter(|l| id.as_ref() == Some(&l.snapshot)))
     }
 
     /// True when the kept copy hashes, piece by piece, to the piece list kept with the
     /// newest snapshot: cheaper than SQLite's quick check, which reads every page too.
     fn matches_kept_pieces(&self) -> bool {
-        let list = self
-            .setting("pieces")
-            .ok()
-            .flatten()
-            .and_then(|json| serde_json::from_str::<PieceList>(&json).ok());
+        let list = self.kept_pieces().ok().flatten();
         let key = self.setting_bytes("chunk_key").ok().flatten();
         let (Some(list), Some(key)) = (list, key) else {
             return false;
@@ -126,24 +141,8 @@ impl Index {
             [],
             |r| r.get(0),
         )?;
-        let newest: Option<String> = self
-            .conn
-            .query_row(
-                // The last one recorded, whatever the clock said then.
-                "SELECT id FROM main.snapshots ORDER BY rowid DESC LIMIT 1",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let id: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT value FROM prev.meta WHERE key = 'snapshot_id'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(!pending && newest.is_some() && id == newest)
+        let newest = self.newest_snapshot()?;
+        Ok(!pending && newest.is_some() && self.prev_meta("snapshot_id")? == newest)
     }
 
     /// No previous snapshot: an empty one in memory, so queries need no special case.
