@@ -88,8 +88,10 @@ pub struct Checked {
 
 impl PieceList {
     /// Checks a decoded list for snapshot `snapshot`: every id well formed, every piece
-    /// inside its blob, sizes that add up. Errors name the first problem.
-    pub fn check(self, snapshot: &str) -> Result<Checked, String> {
+    /// inside its blob, sizes that add up to at most `max_size` (a list may name one
+    /// piece many times: without a cap, a short list would fill a disk). Errors name the
+    /// first problem.
+    pub fn check(self, snapshot: &str, max_size: u64) -> Result<Checked, String> {
         if self.format != LIST_FORMAT {
             return Err(format!(
                 "piece list has format {}; this vaultik reads {LIST_FORMAT}",
@@ -146,6 +148,11 @@ impl PieceList {
             return Err(format!(
                 "piece list pieces add up to {at} bytes, the list says {}",
                 self.size
+            ));
+        }
+        if at > max_size {
+            return Err(format!(
+                "piece list makes a database of {at} bytes, more than {max_size}: it is damaged or hostile"
             ));
         }
         Ok(Checked {
@@ -268,7 +275,7 @@ mod tests {
         let l = list();
         assert_eq!(l.blobs.len(), 2, "each blob listed once");
         assert_eq!(l.size, 65536 * 2 + 4096);
-        let c = l.check("s").unwrap();
+        let c = l.check("s", 1 << 20).unwrap();
         assert_eq!(c.chunk_key, [9; 32]);
         let at: Vec<u64> = c.pieces.iter().map(|p| p.at).collect();
         assert_eq!(at, [0, 65536, 131072]);
@@ -294,11 +301,20 @@ mod tests {
             (|l| l.pieces[0].offset = u64::MAX, "outside its blob"),
             (|l| l.pieces[0].offset = 0, "outside its blob"),
             (|l| l.size += 1, "add up"),
+            (
+                |l| {
+                    // The same piece, many times over.
+                    let p = l.pieces[0].clone();
+                    l.pieces.extend(std::iter::repeat_n(p, 20));
+                    l.size += 20 * 65536;
+                },
+                "more than 1048576",
+            ),
         ];
         for (lie, said) in cases {
             let mut l = list();
             lie(&mut l);
-            let e = l.check("s").unwrap_err();
+            let e = l.check("s", 1 << 20).unwrap_err();
             assert!(e.contains(said), "{said}: {e}");
         }
     }

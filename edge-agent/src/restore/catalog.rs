@@ -25,6 +25,9 @@ const METADATA_SLACK: u64 = 256 << 20;
 /// A piece list names 64 KiB of database in about 200 bytes of JSON: 64 MiB of list is
 /// a database of 20 GiB.
 const MAX_PIECE_LIST: u64 = 64 << 20;
+/// The database a piece list makes may be at most this many times the metadata object's
+/// size, plus [`METADATA_SLACK`]: a real list is about 1,500 times smaller.
+const PIECES_RATIO: u64 = 4096;
 
 /// The snapshots of a repository, and the manifest objects that could not be read.
 #[derive(Debug, Default)]
@@ -245,14 +248,18 @@ fn read_pieces(
     repo: &Repo,
     ids: &Identities,
     json: &[u8],
-    snapshot: &str,
+    manifest: &Manifest,
     out: &std::fs::File,
     what: &str,
 ) -> Result<Checked> {
     let list: PieceList = serde_json::from_slice(json)
         .map_err(|e| Error::Damaged(format!("{what}: the piece list is not valid: {e}")))?;
+    let max_size = manifest
+        .metadata_size
+        .saturating_mul(PIECES_RATIO)
+        .saturating_add(METADATA_SLACK);
     let list = list
-        .check(snapshot)
+        .check(&manifest.id, max_size)
         .map_err(|e| Error::Damaged(format!("{what}: {e}")))?;
     super::blobs::fetch_pieces(repo, ids, &list, out, what)?;
     Ok(list)
@@ -333,7 +340,7 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
             repo,
             ids,
             &json,
-            &manifest.id,
+            &manifest,
             file.as_file(),
             &what,
         )?),
