@@ -177,9 +177,6 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
     } else {
         None
     };
-    for notice in index.take_notices() {
-        opts.progress.warn(&notice);
-    }
     let started_ns = crate::index::now_ns();
     let last_full = index.last_full_scan_ns()?;
     let full_scan_due = match (config.full_scan_interval, last_full) {
@@ -238,6 +235,9 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         Scope::Changed(c) if !walk_due && c.roots == roots.paths => Plan::Changed(&c.dirs),
         _ => Plan::Carried,
     };
+    for notice in index.take_notices() {
+        opts.progress.warn(&notice);
+    }
     let mut scan = Scanner {
         index: &index,
         hasher: &hasher,

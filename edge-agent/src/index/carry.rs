@@ -66,7 +66,11 @@ impl Index {
             .execute_batch("COMMIT; DETACH DATABASE run")
             .map_err(self.e())?;
         let copied = std::fs::copy(&self.prev_path, &self.run_path);
-        if copied.is_err() {
+        if let Err(err) = &copied {
+            self.notices.push(format!(
+                "warning: cannot copy {} ({err}); this backup visits every file",
+                self.prev_path.display()
+            ));
             // The run database may be half written: start it empty again.
             std::fs::write(&self.run_path, b"")
                 .map_err(|err| Error::io("emptying the run database", &self.run_path, err))?;
