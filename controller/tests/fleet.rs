@@ -268,9 +268,12 @@ fn backups_run_on_time_while_the_controller_is_down_and_are_reported_later() {
             .map(Result::unwrap)
             .collect()
     };
+    // The schedule counts from when a job is started; a snapshot's time is taken after
+    // the job's own start-up, which varies with load by a few hundred ms. A run fired
+    // twice per period would show a gap of one run's length instead.
     for w in times.windows(2) {
         assert!(
-            w[1] - w[0] >= 1_900,
+            w[1] - w[0] >= 1_500,
             "runs keep the 2 s schedule: {times:?}"
         );
     }
