@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use common::*;
@@ -28,6 +29,11 @@ impl Fixture {
         for i in 0..5 {
             std::fs::write(src.join(format!("s{i}.txt")), format!("small {i}\n")).unwrap();
         }
+        let s0 = std::fs::File::open(src.join("s0.txt")).unwrap();
+        s0.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000))
+            .unwrap();
+        s0.set_permissions(std::fs::Permissions::from_mode(0o640))
+            .unwrap();
         let key = keygen(t.path());
         let cfg = s3_config(
             t.path(),
@@ -170,6 +176,26 @@ fn missing_blob() {
     assert_eq!(code, Some(3), "{err}");
     assert!(damaged.iter().any(|d| d.ends_with("a.bin")), "{err}");
     assert!(err.contains("not found"), "{err}");
+    fx.undamaged_files_exact(&damaged);
+}
+
+/// A file of one chunk is created and finished where its chunk is written; when the
+/// chunk is lost it is still there, a hole of its size with its mode and mtime.
+#[test]
+fn a_lost_small_file_is_a_hole_with_its_attributes() {
+    let fx = Fixture::new();
+    std::fs::remove_file(fx.blob_of("s0.txt")).unwrap();
+    let (code, err, damaged) = fx.restore();
+    assert_eq!(code, Some(3), "{err}");
+    assert!(damaged.iter().any(|d| d.ends_with("s0.txt")), "{err}");
+    let back = restored(&fx.t.path().join("restore"), &fx.src).join("s0.txt");
+    let (was, now) = (
+        std::fs::metadata(fx.src.join("s0.txt")).unwrap(),
+        std::fs::metadata(&back).unwrap(),
+    );
+    assert_eq!(std::fs::read(&back).unwrap(), vec![0; was.len() as usize]);
+    assert_eq!(now.permissions().mode() & 0o7777, 0o640);
+    assert_eq!(now.modified().unwrap(), was.modified().unwrap());
     fx.undamaged_files_exact(&damaged);
 }
 

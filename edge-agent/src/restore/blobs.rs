@@ -49,6 +49,76 @@ pub(super) struct BlobWorker<'a> {
     xattrs: &'a XattrValues,
     /// The last file written, kept open: consecutive chunks often land in one file.
     open: Option<(Vec<u8>, std::fs::File)>,
+    /// Attributes of whole files that could not be applied.
+    warnings: Vec<String>,
+}
+
+/// A selected file that wants a chunk, and where in it.
+struct Dest {
+    offset: u64,
+    path: Vec<u8>,
+    /// Set for a whole file: it is created and finished where its only chunk is written.
+    whole: Option<WholeFile>,
+}
+
+struct WholeFile {
+    size: u64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime_ns: i64,
+}
+
+/// Columns of `vaultik_sel` (as `sel`) and `file_chunks` (as `f`) that make a `Dest`.
+const DEST_COLUMNS: &str =
+    "f.offset, sel.dest, sel.whole, sel.size, sel.mode, sel.uid, sel.gid, sel.mtime_ns";
+
+fn dest(r: &rusqlite::Row<'_>) -> rusqlite::Result<Dest> {
+    let whole = if r.get::<_, bool>(2)? {
+        Some(WholeFile {
+            size: u64::try_from(super::int(r, 3)?).unwrap_or(0),
+            mode: r.get(4)?,
+            uid: r.get(5)?,
+            gid: r.get(6)?,
+            mtime_ns: r.get(7)?,
+        })
+    } else {
+        None
+    };
+    Ok(Dest {
+        // Offsets of selected files were checked to tile each file exactly.
+        offset: u64::try_from(super::int(r, 0)?).unwrap_or(u64::MAX),
+        path: r.get(1)?,
+        whole,
+    })
+}
+
+/// Creates whole file `d`, writes `data` into it (`None`: it stays a hole of its size)
+/// and applies its attributes, all through one open; warnings go to `warnings`.
+fn write_whole(
+    target: &mut Target,
+    warnings: &mut Vec<String>,
+    d: &Dest,
+    w: &WholeFile,
+    data: Option<&[u8]>,
+) -> Result<()> {
+    let f = target.create(&d.path)?;
+    match data {
+        Some(data) => f
+            .write_all_at(data, 0)
+            .map_err(|e| Error::io("writing", target.display(&d.path), e))?,
+        None => target.set_len(&f, &d.path, w.size)?,
+    }
+    let attrs = super::target::Attrs {
+        symlink: false,
+        mode: w.mode,
+        uid: w.uid,
+        gid: w.gid,
+        mtime_ns: w.mtime_ns,
+        xattrs: &[],
+    };
+    warnings.extend(target.apply_open(&f, &d.path, &attrs));
+    Ok(())
 }
 
 impl<'a> BlobWorker<'a> {
@@ -77,7 +147,12 @@ impl<'a> BlobWorker<'a> {
             target,
             xattrs,
             open: None,
+            warnings: Vec::new(),
         })
+    }
+
+    pub fn into_warnings(self) -> Vec<String> {
+        self.warnings
     }
 
     /// The blob's encrypted size and payload start, if its row is sane.
@@ -219,35 +294,24 @@ impl<'a> BlobWorker<'a> {
         };
         self.keep_xattrs(&w.id, &data)?;
         let zero = data.iter().all(|b| *b == 0);
-        // Streamed, and each destination looked up once: a chunk may appear in many
-        // places of many files.
-        let mut q = self.conn.prepare_cached(
-            "SELECT sel.node_id, f.offset FROM file_chunks f JOIN vaultik_sel sel ON sel.data_node = f.node_id
-             WHERE f.chunk_id = ?1 AND sel.kind = 'file' ORDER BY sel.node_id",
-        )?;
+        // Streamed: a chunk may appear in many places of many files.
+        let mut q = self.conn.prepare_cached(&format!(
+            "SELECT {DEST_COLUMNS} FROM file_chunks f JOIN vaultik_sel sel ON sel.data_node = f.node_id
+             WHERE f.chunk_id = ?1 AND sel.kind = 'file' ORDER BY sel.node_id"
+        ))?;
         let mut rows = q.query([&w.id.0[..]])?;
-        let mut dest: Option<(i64, Vec<u8>)> = None;
         while let Some(r) = rows.next()? {
-            let (node, off): (i64, i64) = (r.get(0)?, super::int(r, 1)?);
+            let d = dest(r)?;
             self.progress.add_bytes(data.len() as u64);
-            if zero {
-                continue; // the file was created sparse; leave the hole
-            }
-            if dest.as_ref().is_none_or(|(n, _)| *n != node) {
-                let d: Vec<u8> = self
-                    .conn
-                    .prepare_cached("SELECT dest FROM vaultik_sel WHERE node_id = ?1")?
-                    .query_row([node], |r| r.get(0))?;
-                dest = Some((node, d));
-            }
-            let Some((_, d)) = &dest else { continue };
-            // Offsets of selected files were checked to tile each file exactly.
-            let off = u64::try_from(off).unwrap_or(u64::MAX);
-            let d = d.clone();
-            if let Err(e) =
-                open_file(&mut self.target, &mut self.open, &d)?.write_all_at(&data, off)
-            {
-                return Err(Error::io("writing", self.target.display(&d), e));
+            if let Some(whole) = &d.whole {
+                let data = (!zero).then_some(&data[..]);
+                write_whole(&mut self.target, &mut self.warnings, &d, whole, data)?;
+            } else if !zero {
+                // A zero chunk of a file created sparse stays a hole.
+                let f = open_file(&mut self.target, &mut self.open, &d.path)?;
+                if let Err(e) = f.write_all_at(&data, d.offset) {
+                    return Err(Error::io("writing", self.target.display(&d.path), e));
+                }
             }
         }
         Ok(())
@@ -269,17 +333,22 @@ impl<'a> BlobWorker<'a> {
         Ok(())
     }
 
-    fn mark_damaged(&self, id: &ChunkId, why: &str, bad: &mut Damaged) -> Result<()> {
-        let mut q = self.conn.prepare_cached(
-            "SELECT DISTINCT sel.dest FROM file_chunks f JOIN vaultik_sel sel ON sel.data_node = f.node_id
-             WHERE f.chunk_id = ?1 AND sel.kind = 'file'",
-        )?;
-        let dests: Vec<Vec<u8>> = q
-            .query_map([&id.0[..]], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        for d in dests {
-            bad.push((self.target.display(&d), why.to_string()));
+    /// Reports the files and attributes that wanted chunk `id` as damaged. A whole file
+    /// is still created, as a hole of its size, and given its attributes.
+    fn mark_damaged(&mut self, id: &ChunkId, why: &str, bad: &mut Damaged) -> Result<()> {
+        let mut q = self.conn.prepare_cached(&format!(
+            "SELECT {DEST_COLUMNS} FROM file_chunks f JOIN vaultik_sel sel ON sel.data_node = f.node_id
+             WHERE f.chunk_id = ?1 AND sel.kind = 'file' GROUP BY sel.node_id"
+        ))?;
+        let mut rows = q.query([&id.0[..]])?;
+        while let Some(r) = rows.next()? {
+            let d = dest(r)?;
+            bad.push((self.target.display(&d.path), why.to_string()));
+            if let Some(whole) = &d.whole {
+                write_whole(&mut self.target, &mut self.warnings, &d, whole, None)?;
+            }
         }
+        drop(rows);
         let mut q = self.conn.prepare_cached(
             "SELECT sel.dest, x.name FROM xattrs x JOIN vaultik_sel sel ON sel.node_id = x.node_id
              WHERE x.chunk_id = ?1 AND sel.kind IN ('file', 'damaged', 'dir')",

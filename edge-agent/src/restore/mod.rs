@@ -3,15 +3,18 @@
 //! Restore runs in passes over the (hostile) metadata database, each streaming its rows,
 //! so memory does not grow with the number of entries:
 //! 1. plan: every selected entry, in byte order of its path, is checked and decided
-//!    (`plan`); directories and empty files (holes until written) are created through
-//!    the `target` walker; what was accepted goes into a `sel` table of the temporary
-//!    database;
+//!    (`plan`); directories are created through the `target` walker; what was accepted
+//!    goes into a `sel` table of the temporary database;
 //! 2. check: each selected file's chunk list must tile the file exactly, else the file
-//!    is reported damaged and gets no content;
+//!    is reported damaged and gets no content; files are created (holes until written),
+//!    except those of a single chunk and no extended attributes ("whole" files);
 //! 3. data: blobs in parallel, each read with ranged requests covering only the wanted
-//!    chunks; every chunk is hash-checked; all-zero chunks stay holes (`blobs`);
+//!    chunks; every chunk is hash-checked; all-zero chunks stay holes (`blobs`). A
+//!    whole file is created, written and given its owner, mode and mtime here, through
+//!    one open: on a tree of small files that is most of the work, spread over workers;
 //! 4. links: symlinks and hard links, once every file is written;
-//! 5. metadata: xattrs, owners, modes, mtimes; directories last, deepest first.
+//! 5. metadata: xattrs, owners, modes, mtimes of the rest; directories last, deepest
+//!    first.
 
 mod blobs;
 mod catalog;
@@ -111,7 +114,10 @@ CREATE TABLE vaultik_sel (
     gid INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     target BLOB,
-    size INTEGER
+    size INTEGER,
+    -- A file of exactly one chunk and no extended attributes: the data pass creates,
+    -- writes and finishes it through one open.
+    whole INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX vaultik_sel_data ON vaultik_sel (data_node);
 ";
@@ -136,6 +142,7 @@ pub fn restore(
     plan_and_create(conn, sel, &mut target, &mut report)?;
     check_chunk_lists(conn, &target, &mut report)?;
     tx.commit()?;
+    create_files(conn, &mut target)?;
     if opts.progress.is_shown() {
         let total: f64 = conn.query_row(
             "SELECT total(size) FROM vaultik_sel WHERE kind = 'file'",
@@ -185,7 +192,7 @@ fn raw_node(r: &Row<'_>) -> rusqlite::Result<RawNode> {
     })
 }
 
-/// Pass 1: decide every selected entry in path order; create directories and files.
+/// Pass 1: decide every selected entry in path order; create directories.
 fn plan_and_create(
     conn: &Connection,
     sel: &Selection,
@@ -317,7 +324,6 @@ fn act(
             ("dir", None)
         }
         Decision::File { data_node, size } => {
-            target.create_file(dest, size)?;
             created_size = Some(size);
             report.files += 1;
             report.bytes += size;
@@ -327,8 +333,10 @@ fn act(
         Decision::Hardlink => ("hardlink", None),
     };
     conn.prepare_cached(
-        "INSERT INTO vaultik_sel (node_id, path, kind, data_node, dest, mode, uid, gid, mtime_ns, target, size)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        "INSERT INTO vaultik_sel (node_id, path, kind, data_node, dest, mode, uid, gid, mtime_ns, target, size, whole)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11,
+             (SELECT count(*) FROM (SELECT 1 FROM file_chunks WHERE node_id = ?4 LIMIT 2)) = 1
+             AND NOT EXISTS (SELECT 1 FROM xattrs WHERE node_id = ?1))",
     )?
     .execute(params![
         node.id,
@@ -421,6 +429,21 @@ fn check_chunk_lists(conn: &Connection, target: &Target, report: &mut Report) ->
     Ok(())
 }
 
+/// Creates the files the data pass does not create whole: empty ones, damaged ones and
+/// those of several chunks. They are holes until written.
+fn create_files(conn: &Connection, target: &mut Target) -> Result<()> {
+    let mut q = conn.prepare(
+        "SELECT dest, size FROM vaultik_sel
+         WHERE kind = 'damaged' OR (kind = 'file' AND NOT whole) ORDER BY path",
+    )?;
+    let mut rows = q.query([])?;
+    while let Some(r) = rows.next()? {
+        let (dest, size) = (bytes(r, 0)?, u64::try_from(int(r, 1)?).unwrap_or(0));
+        target.create_file(&dest, size)?;
+    }
+    Ok(())
+}
+
 /// Pass 2, for extended attributes stored as chunks: each needs a stored location.
 fn check_xattr_chunks(conn: &Connection, target: &Target, report: &mut Report) -> Result<()> {
     let mut q = conn.prepare(
@@ -469,6 +492,7 @@ fn write_data(
     };
     let queue = Mutex::new(blobs);
     let damaged = Mutex::new(Vec::new());
+    let warnings = Mutex::new(Vec::new());
     let fatal: Mutex<Option<Error>> = Mutex::new(None);
     let fail = |e: Error| {
         if let Ok(mut f) = fatal.lock() {
@@ -496,6 +520,9 @@ fn write_data(
                         Err(e) => return fail(e),
                     }
                 }
+                if let Ok(mut w) = warnings.lock() {
+                    w.extend(worker.into_warnings());
+                }
             });
         }
     });
@@ -505,6 +532,9 @@ fn write_data(
     report
         .damaged
         .extend(damaged.into_inner().unwrap_or_default());
+    report
+        .warnings
+        .extend(warnings.into_inner().unwrap_or_default());
     Ok(())
 }
 
@@ -550,8 +580,8 @@ fn make_links(conn: &Connection, target: &mut Target, report: &mut Report) -> Re
     Ok(())
 }
 
-/// Pass 5: xattrs, owners, modes and mtimes; directories last and deepest first, so
-/// their mtimes stick.
+/// Pass 5: xattrs, owners, modes and mtimes of what the data pass did not finish;
+/// directories last and deepest first, so their mtimes stick.
 fn apply_metadata(conn: &Connection, target: &mut Target, report: &mut Report) -> Result<()> {
     // Format 1 values are inline; format 2 values were read from blobs in pass 3.
     let mut xq = conn.prepare(
@@ -559,7 +589,8 @@ fn apply_metadata(conn: &Connection, target: &mut Target, report: &mut Report) -
          UNION ALL SELECT name, value FROM xv.xattr_values WHERE node_id = ?1",
     )?;
     for order in [
-        "WHERE kind IN ('file', 'damaged', 'symlink') ORDER BY path",
+        "WHERE kind IN ('file', 'damaged', 'symlink') AND NOT (kind = 'file' AND whole)
+         ORDER BY path",
         "WHERE kind = 'dir' ORDER BY path DESC",
     ] {
         let mut q = conn.prepare(&format!(

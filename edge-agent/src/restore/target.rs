@@ -5,7 +5,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -154,32 +154,40 @@ impl Target {
         }
     }
 
-    /// Creates regular file `rel` of `size` bytes (holes until written). An existing
-    /// non-directory there is replaced, never written through (it may be a link).
-    pub fn create_file(&mut self, rel: &[u8], size: u64) -> Result<()> {
+    /// Creates regular file `rel`, empty and open for writing. An existing non-directory
+    /// there is replaced, never written through (it may be a link).
+    pub fn create(&mut self, rel: &[u8]) -> Result<File> {
         let flags =
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let (parent, name) = name_of(rel);
-        let first = rustix::fs::openat(
-            self.dir(parent)?,
-            OsStr::from_bytes(name),
-            flags,
-            Mode::RUSR | Mode::WUSR,
-        );
-        let fd = match first {
-            Err(Errno::EXIST) => {
+        let make = |t: &mut Self| {
+            rustix::fs::openat(
+                t.dir(parent)?,
+                OsStr::from_bytes(name),
+                flags,
+                Mode::RUSR | Mode::WUSR,
+            )
+            .map_err(|e| t.err("creating", rel, e))
+        };
+        let fd = match make(self) {
+            Err(e) if e.source.raw_os_error() == Some(Errno::EXIST.raw_os_error()) => {
                 self.clear(rel)?;
-                rustix::fs::openat(
-                    self.dir(parent)?,
-                    OsStr::from_bytes(name),
-                    flags,
-                    Mode::RUSR | Mode::WUSR,
-                )
+                make(self)
             }
             other => other,
-        }
-        .map_err(|e| self.err("creating", rel, e))?;
-        rustix::fs::ftruncate(&fd, size).map_err(|e| self.err("sizing", rel, e))
+        }?;
+        Ok(File::from(fd))
+    }
+
+    /// Creates regular file `rel` of `size` bytes (holes until written).
+    pub fn create_file(&mut self, rel: &[u8], size: u64) -> Result<()> {
+        let f = self.create(rel)?;
+        self.set_len(&f, rel, size)
+    }
+
+    /// Sizes `f`, the file `rel`, to `size` bytes; what was not written stays a hole.
+    pub fn set_len(&self, f: &File, rel: &[u8], size: u64) -> Result<()> {
+        rustix::fs::ftruncate(f, size).map_err(|e| self.err("sizing", rel, e))
     }
 
     /// Opens regular file `rel` for writing its content.
@@ -251,7 +259,6 @@ impl Target {
     /// Applies owner, mode, mtime and extended attributes to `rel`. Returns the parts
     /// that could not be applied, as warnings.
     pub fn apply(&mut self, rel: &[u8], m: &Attrs<'_>) -> Vec<String> {
-        let mut warn = Vec::new();
         let shown = self.display(rel).display().to_string();
         let (parent, name) = name_of(rel);
         let pfd = match self.dir(parent) {
@@ -259,19 +266,9 @@ impl Target {
             Err(e) => return vec![e.to_string()],
         };
         let name = OsStr::from_bytes(name);
-        let mtime = Timespec {
-            tv_sec: m.mtime_ns.div_euclid(1_000_000_000),
-            tv_nsec: m.mtime_ns.rem_euclid(1_000_000_000),
-        };
-        let times = Timestamps {
-            last_access: mtime,
-            last_modification: mtime,
-        };
-        let owner = (
-            Some(rustix::fs::Uid::from_raw(m.uid)),
-            Some(rustix::fs::Gid::from_raw(m.gid)),
-        );
         if m.symlink {
+            let (times, owner) = (m.times(), m.owner());
+            let mut warn = Vec::new();
             // Symlink xattrs and mode are not settable on Linux for ordinary namespaces.
             if let Err(e) =
                 rustix::fs::chownat(pfd, name, owner.0, owner.1, AtFlags::SYMLINK_NOFOLLOW)
@@ -285,15 +282,23 @@ impl Target {
             return warn;
         }
         let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
-        let fd = match rustix::fs::openat(pfd, name, flags, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(e) => return vec![format!("{shown}: {}", std::io::Error::from(e))],
-        };
+        match rustix::fs::openat(pfd, name, flags, Mode::empty()) {
+            Ok(fd) => self.apply_open(&fd, rel, m),
+            Err(e) => vec![format!("{shown}: {}", std::io::Error::from(e))],
+        }
+    }
+
+    /// Applies owner, extended attributes, mode and mtime to `fd`, the open file `rel`.
+    /// Returns the parts that could not be applied, as warnings.
+    pub fn apply_open(&self, fd: impl AsFd, rel: &[u8], m: &Attrs<'_>) -> Vec<String> {
+        let mut warn = Vec::new();
+        let shown = || self.display(rel).display().to_string();
+        let (times, owner) = (m.times(), m.owner());
         // Owner first: a change of owner drops capabilities that xattrs then restore.
         match rustix::fs::fchown(&fd, owner.0, owner.1) {
             // Only root may give files away; a user restoring their own files keeps them.
             Ok(()) | Err(Errno::PERM) => {}
-            Err(e) => warn.push(format!("{shown}: owner: {}", std::io::Error::from(e))),
+            Err(e) => warn.push(format!("{}: owner: {}", shown(), std::io::Error::from(e))),
         }
         for (k, v) in m.xattrs {
             if let Err(e) = rustix::fs::fsetxattr(
@@ -303,17 +308,18 @@ impl Target {
                 rustix::fs::XattrFlags::empty(),
             ) {
                 warn.push(format!(
-                    "{shown}: extended attribute {}: {}",
+                    "{}: extended attribute {}: {}",
+                    shown(),
                     String::from_utf8_lossy(k),
                     std::io::Error::from(e)
                 ));
             }
         }
         if let Err(e) = rustix::fs::fchmod(&fd, Mode::from_raw_mode(m.mode & 0o7777)) {
-            warn.push(format!("{shown}: mode: {}", std::io::Error::from(e)));
+            warn.push(format!("{}: mode: {}", shown(), std::io::Error::from(e)));
         }
         if let Err(e) = rustix::fs::futimens(&fd, &times) {
-            warn.push(format!("{shown}: mtime: {}", std::io::Error::from(e)));
+            warn.push(format!("{}: mtime: {}", shown(), std::io::Error::from(e)));
         }
         warn
     }
@@ -327,6 +333,27 @@ pub struct Attrs<'a> {
     pub gid: u32,
     pub mtime_ns: i64,
     pub xattrs: &'a [(Vec<u8>, Vec<u8>)],
+}
+
+impl Attrs<'_> {
+    /// Access and modification time, both the stored mtime.
+    fn times(&self) -> Timestamps {
+        let mtime = Timespec {
+            tv_sec: self.mtime_ns.div_euclid(1_000_000_000),
+            tv_nsec: self.mtime_ns.rem_euclid(1_000_000_000),
+        };
+        Timestamps {
+            last_access: mtime,
+            last_modification: mtime,
+        }
+    }
+
+    fn owner(&self) -> (Option<rustix::fs::Uid>, Option<rustix::fs::Gid>) {
+        (
+            Some(rustix::fs::Uid::from_raw(self.uid)),
+            Some(rustix::fs::Gid::from_raw(self.gid)),
+        )
+    }
 }
 
 #[cfg(test)]
