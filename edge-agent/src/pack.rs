@@ -247,6 +247,11 @@ impl FrameOpener {
         if frame.len() == ulen as usize && self.hasher.id(frame) == expect {
             return Ok(frame.to_vec());
         }
+        if crate::delta::base_of(frame).is_some() {
+            return Err(bad(
+                "is a delta frame: it opens only against its base".into()
+            ));
+        }
         let data = self
             .z
             .decompress(frame, ulen as usize)

@@ -187,3 +187,140 @@ fn a_carried_run_keeps_only_the_chunks_and_blobs_its_files_use() {
     assert_eq!(counts[1..], [0, 0], "unused chunk rows, unused blob rows");
     restore_latest_matches(t.path(), &key, &src, "r2");
 }
+
+/// For each piece of a piece list, the deltas between it and a whole piece.
+fn depths(list: &serde_json::Value) -> Vec<usize> {
+    let bases = list["bases"].as_array().cloned().unwrap_or_default();
+    let depth = |p: &serde_json::Value| {
+        let mut d = 0;
+        let mut next = p["base"].as_u64();
+        while let Some(b) = next {
+            d += 1;
+            assert!(d <= 8, "a chain longer than 8");
+            next = bases[b as usize]["base"].as_u64();
+        }
+        d
+    };
+    list["pieces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(depth)
+        .collect()
+}
+
+#[test]
+fn edited_metadata_is_stored_as_deltas_in_chains_of_at_most_eight() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    for d in 0..20 {
+        for f in 0..150 {
+            write_file(
+                &src.join(format!("d{d:02}/f{f:03}.txt")),
+                format!("{d} {f}\n").as_bytes(),
+            );
+        }
+    }
+    let key = keygen(t.path());
+    let cfg = local_config(t.path(), &[&src], &key, "");
+    backup_ok(&cfg);
+    // An edit in every directory each run: most pieces change every time.
+    for run in 1..=10 {
+        for d in 0..20 {
+            let f = (run * 7 + d * 3) % 150;
+            write_file(
+                &src.join(format!("d{d:02}/f{f:03}.txt")),
+                format!("run {run}\n").as_bytes(),
+            );
+        }
+        backup_ok(&cfg);
+    }
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let snapshots = snapshot_list(&local_repo(t.path()), "", &env);
+    let lists: Vec<serde_json::Value> = snapshots
+        .iter()
+        .map(|s| {
+            let id = s["id"].as_str().unwrap();
+            piece_list(&key, &t.path().join(format!("repo/index/{id}.metadata")))
+        })
+        .collect();
+    let bytes = |n: usize| snapshots[n]["summary"]["metadata_bytes"].as_u64().unwrap();
+    assert!(depths(&lists[0]).iter().all(|d| *d == 0));
+    assert!(lists[0]["pieces"].as_array().unwrap().len() >= 8);
+    // Every piece changes every run here, so every chain reaches 8 at run 8 and run 9
+    // stores whole pieces again.
+    for n in (1..lists.len()).filter(|n| *n != 9) {
+        assert!(
+            bytes(n) * 3 < bytes(0),
+            "run {n} stored {} bytes of metadata, the first {}",
+            bytes(n),
+            bytes(0)
+        );
+    }
+    assert!(
+        bytes(9) * 3 > bytes(0) * 2,
+        "run 9 stored {} bytes",
+        bytes(9)
+    );
+    // The header piece changes every run: its chain grows to 8, then starts again.
+    let heads: Vec<usize> = lists.iter().map(|l| depths(l)[0]).collect();
+    assert_eq!(heads, [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1], "{heads:?}");
+
+    // Every snapshot opens, by hand and by vaultik; the content is what was backed up.
+    for (n, s) in snapshots.iter().enumerate() {
+        let id = s["id"].as_str().unwrap();
+        let db = t.path().join(format!("{n}.sqlite"));
+        decrypt_metadata(
+            &key,
+            &t.path().join(format!("repo/index/{id}.metadata")),
+            &db,
+        );
+        assert_eq!(sqlite(&db, "PRAGMA integrity_check").trim(), "ok");
+        let count = sqlite(&db, "SELECT count(*) FROM nodes WHERE kind = 'file'");
+        assert_eq!(count.trim(), "3000");
+    }
+    let repo = local_repo(t.path());
+    let out = vaultik(&["verify", &repo, "", "--read-data"], &env);
+    assert!(out.status.success(), "verify: {}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("11 snapshots") && said.contains("no problems found"),
+        "{said}"
+    );
+
+    // Some blob of the newest snapshot holds only bases of its deltas: prune keeps it.
+    let newest = lists.last().unwrap();
+    let blob_of = |p: &serde_json::Value| p["blob"].as_u64().unwrap();
+    let direct: Vec<u64> = newest["pieces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(blob_of)
+        .collect();
+    let bases = newest["bases"].as_array().unwrap();
+    assert!(
+        bases.iter().any(|b| !direct.contains(&blob_of(b))),
+        "no blob holds bases only"
+    );
+    let out = vaultik(
+        &[
+            "prune",
+            &repo,
+            "",
+            "--keep-last",
+            "1",
+            "--safety-margin",
+            "0s",
+            "--allow-short-margin",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "prune: {}", stderr(&out));
+    let out = vaultik(&["verify", &repo, "", "--read-data"], &env);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("1 snapshots") && said.contains("no problems found"),
+        "{said}"
+    );
+    restore_latest_matches(t.path(), &key, &src, "r");
+}

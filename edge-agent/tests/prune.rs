@@ -583,6 +583,16 @@ fn metadata_pieces_are_shared_between_snapshots_and_kept_by_prune() {
         pieces[2].len()
     );
     let ids = snapshot_ids(&env);
+    // The edit's pieces are deltas against the first snapshot's: pruning that snapshot
+    // must keep their bases.
+    let meta = s3
+        .bucket_dir()
+        .join(format!("host1/index/{}.metadata", ids[2]));
+    let bases = piece_list(&key, &meta)["bases"].clone();
+    assert!(
+        bases.as_array().is_some_and(|b| !b.is_empty()),
+        "the newest snapshot lists no delta piece"
+    );
     let oldest = piece_blobs(&s3, &key, &ids[0]);
     assert!(
         piece_blobs(&s3, &key, &ids[2])

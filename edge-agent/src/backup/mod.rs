@@ -338,7 +338,11 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         recipients: &recipients,
         blob_size_limit: config.blob_size_limit,
     };
-    let stored = metadata::store(&to, &run_db, &id, &hasher, previous.as_ref())?;
+    let previous = previous.as_ref().map(|list| metadata::Previous {
+        list,
+        db: index.previous_db(),
+    });
+    let stored = metadata::store(&to, &run_db, &id, &hasher, previous)?;
     summary.metadata_bytes = stored.uploaded_bytes.saturating_add(stored.object.size);
     let manifest = Manifest {
         format: MANIFEST_FORMAT,

@@ -64,6 +64,12 @@ impl Index {
             .filter(|l| id.as_ref() == Some(&l.snapshot)))
     }
 
+    /// Where the previous snapshot's database lies: what its piece list describes, byte
+    /// for byte, while [`Self::previous_pieces`] returns it.
+    pub fn previous_db(&self) -> &std::path::Path {
+        &self.prev_path
+    }
+
     /// The piece list the index kept with its newest snapshot, if it has one.
     fn kept_pieces(&self) -> Result<Option<PieceList>> {
         Ok(self

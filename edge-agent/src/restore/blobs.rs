@@ -464,6 +464,8 @@ impl BlobReader {
 
 /// Reads the pieces of a metadata database (manifest format 3) into `out`, each
 /// decompressed to its listed length and hash-checked; any piece that fails fails all.
+/// Delta pieces are read after their bases, depth by depth: bases go to the space
+/// after the database, which is cut off at the end.
 pub(super) fn fetch_pieces(
     repo: &Repo,
     ids: &Identities,
@@ -471,49 +473,80 @@ pub(super) fn fetch_pieces(
     out: &std::fs::File,
     what: &str,
 ) -> Result<()> {
-    let mut frames = FrameOpener::new(ChunkHasher::new(list.chunk_key))?;
-    let mut by_blob: Vec<Vec<&Located>> = vec![Vec::new(); list.blob_ids.len()];
-    for p in &list.pieces {
-        by_blob[p.blob].push(p);
-    }
-    for (n, mut pieces) in by_blob.into_iter().enumerate() {
-        if pieces.is_empty() {
-            continue;
+    let hasher = ChunkHasher::new(list.chunk_key);
+    let mut frames = FrameOpener::new(hasher.clone())?;
+    let deepest = list.all().map(|p| p.depth).max().unwrap_or(0);
+    for depth in 0..=deepest {
+        let mut by_blob: Vec<Vec<&Located>> = vec![Vec::new(); list.blob_ids.len()];
+        for p in list.all().filter(|p| p.depth == depth) {
+            by_blob[p.blob].push(p);
         }
-        pieces.sort_by_key(|p| p.offset);
-        let b = &list.list.blobs[n];
-        let g = Geometry {
-            size: b.size,
-            payload_start: b.payload_start,
-        };
-        let blob = list.blob_ids[n].to_hex();
-        let wants: Vec<Want> = pieces
-            .iter()
-            .map(|p| Want {
-                id: p.id,
-                offset: p.offset,
-                clen: u64::from(p.clen),
-                ulen: p.ulen,
-            })
-            .collect();
-        let key = repo.blob_key(&list.blob_ids[n]);
-        let damaged = |why: String| Error::Damaged(format!("{what}: blob {blob}: {why}"));
-        let mut reader =
-            BlobReader::open(repo, ids, &key, g, what).map_err(|e| damaged(e.to_string()))?;
-        for span in spans(&wants) {
-            let (start, mut buf) = span_buffer(&wants[span.clone()]);
-            reader
-                .read_at(start, &mut buf)
-                .map_err(|e| damaged(e.to_string()))?;
-            for (w, p) in wants[span.clone()].iter().zip(&pieces[span]) {
-                let at = (w.offset - start) as usize;
-                let frame = &buf[at..at + w.clen as usize];
-                let data = frames
-                    .open(frame, w.ulen, w.id)
-                    .map_err(|e| damaged(e.to_string()))?;
-                out.write_all_at(&data, p.at)
-                    .map_err(|e| Error::io("writing", what, e))?;
+        for (n, pieces) in by_blob.into_iter().enumerate() {
+            if pieces.is_empty() {
+                continue;
             }
+            let blob = list.blob_ids[n].to_hex();
+            let damaged = |why: String| Error::Damaged(format!("{what}: blob {blob}: {why}"));
+            read_pieces_of(repo, ids, list, n, pieces, what, |p, frame| {
+                let data = match p.base {
+                    None => frames.open(frame, p.ulen, p.id),
+                    Some(b) => {
+                        let base = &list.bases[b];
+                        let mut bytes = vec![0u8; base.ulen as usize];
+                        out.read_exact_at(&mut bytes, base.at)
+                            .map_err(|e| Error::io("reading", what, e))?;
+                        crate::delta::open(frame, &bytes, base.id, p.ulen, p.id, &hasher)
+                    }
+                };
+                let data = data.map_err(|e| damaged(e.to_string()))?;
+                out.write_all_at(&data, p.at)
+                    .map_err(|e| Error::io("writing", what, e))
+            })?;
+        }
+    }
+    out.set_len(list.list.size)
+        .map_err(|e| Error::io("writing", what, e))
+}
+
+/// Reads the frames of `pieces` (all in blob `n` of the list), a span at a time, and
+/// hands each to `put`.
+fn read_pieces_of(
+    repo: &Repo,
+    ids: &Identities,
+    list: &Checked,
+    n: usize,
+    mut pieces: Vec<&Located>,
+    what: &str,
+    mut put: impl FnMut(&Located, &[u8]) -> Result<()>,
+) -> Result<()> {
+    pieces.sort_by_key(|p| p.offset);
+    let b = &list.list.blobs[n];
+    let g = Geometry {
+        size: b.size,
+        payload_start: b.payload_start,
+    };
+    let blob = list.blob_ids[n].to_hex();
+    let wants: Vec<Want> = pieces
+        .iter()
+        .map(|p| Want {
+            id: p.id,
+            offset: p.offset,
+            clen: u64::from(p.clen),
+            ulen: p.ulen,
+        })
+        .collect();
+    let key = repo.blob_key(&list.blob_ids[n]);
+    let damaged = |why: String| Error::Damaged(format!("{what}: blob {blob}: {why}"));
+    let mut reader =
+        BlobReader::open(repo, ids, &key, g, what).map_err(|e| damaged(e.to_string()))?;
+    for span in spans(&wants) {
+        let (start, mut buf) = span_buffer(&wants[span.clone()]);
+        reader
+            .read_at(start, &mut buf)
+            .map_err(|e| damaged(e.to_string()))?;
+        for (w, p) in wants[span.clone()].iter().zip(&pieces[span]) {
+            let at = (w.offset - start) as usize;
+            put(p, &buf[at..at + w.clen as usize])?;
         }
     }
     Ok(())

@@ -265,8 +265,8 @@ fn read_pieces(
     Ok(list)
 }
 
-/// Adds the pieces and their blobs to the private copy's `chunks` and `blobs`, so that
-/// prune keeps them and verify checks them like any other.
+/// Adds the pieces, the bases of delta pieces and their blobs to the private copy's
+/// `chunks` and `blobs`, so that prune keeps them and verify checks them like any other.
 fn list_pieces(conn: &Connection, list: &Checked) -> Result<()> {
     let mut blob = conn.prepare(
         "INSERT OR IGNORE INTO blobs (id, size, plain_size, payload_start, hash)
@@ -285,7 +285,7 @@ fn list_pieces(conn: &Connection, list: &Checked) -> Result<()> {
     let mut chunk = conn.prepare(
         "INSERT OR IGNORE INTO chunks (id, blob_id, offset, clen, ulen) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
-    for p in &list.pieces {
+    for p in list.all() {
         chunk.execute(rusqlite::params![
             &p.id.0[..],
             list.blob_ids[p.blob].to_hex(),

@@ -359,7 +359,8 @@ pub fn data_blobs(repo: &Path, key: &Key) -> Vec<PathBuf> {
 
 /// Rebuilds a snapshot's metadata database into `db` with the stock `age` and `zstd`
 /// tools, as docs/FORMAT.md describes: the metadata object is a list of pieces, each a
-/// frame in a blob of the same repository (a directory: `meta` is `<repo>/index/…`).
+/// frame in a blob of the same repository (a directory: `meta` is `<repo>/index/…`); a
+/// delta piece decompresses with `zstd --patch-from` its base.
 pub fn decrypt_metadata(key: &Key, meta: &Path, db: &Path) {
     let age = format!("age -d -i {}", key.file.display());
     let list = piece_list(key, meta);
@@ -376,20 +377,44 @@ pub fn decrypt_metadata(key: &Key, meta: &Path, db: &Path) {
         .collect();
     let mut chunk_key = [0u8; 32];
     hex::decode_to_slice(list["chunk_key"].as_str().unwrap(), &mut chunk_key).unwrap();
-    let mut out = Vec::new();
-    for p in list["pieces"].as_array().unwrap() {
+    let base_file = db.with_extension("base");
+    let open = |p: &serde_json::Value, base: Option<Vec<u8>>| {
         let n = |k: &str| p[k].as_u64().unwrap() as usize;
         let frame = &blobs[n("blob")][n("offset")..n("offset") + n("clen")];
         let id = p["id"].as_str().unwrap();
         let keyed = |b: &[u8]| blake3::keyed_hash(&chunk_key, b).to_hex().to_string();
-        let piece = if n("clen") == n("ulen") && keyed(frame) == id {
-            frame.to_vec()
-        } else {
-            sh_output("zstd -q -d -c", frame)
+        let piece = match base {
+            Some(base) => {
+                std::fs::write(&base_file, base).unwrap();
+                let patch = format!("zstd -q -d -c --patch-from={}", base_file.display());
+                sh_output(&patch, frame)
+            }
+            None if n("clen") == n("ulen") && keyed(frame) == id => frame.to_vec(),
+            None => sh_output("zstd -q -d -c", frame),
         };
         assert_eq!(keyed(&piece), id, "piece hash");
-        out.extend_from_slice(&piece);
+        piece
+    };
+    // Bases first, each after the one it is a delta against (a list names at most a
+    // few deltas in a chain).
+    let bases = list["bases"].as_array().cloned().unwrap_or_default();
+    let mut opened: Vec<Option<Vec<u8>>> = vec![None; bases.len()];
+    while opened.iter().any(Option::is_none) {
+        for (n, b) in bases.iter().enumerate() {
+            let under = b["base"].as_u64().map(|u| opened[u as usize].clone());
+            if opened[n].is_none() && under.as_ref().is_none_or(Option::is_some) {
+                opened[n] = Some(open(b, under.flatten()));
+            }
+        }
     }
+    let mut out = Vec::new();
+    for p in list["pieces"].as_array().unwrap() {
+        let base = p["base"]
+            .as_u64()
+            .map(|b| opened[b as usize].clone().unwrap());
+        out.extend_from_slice(&open(p, base));
+    }
+    let _ = std::fs::remove_file(&base_file);
     assert_eq!(out.len() as u64, list["size"].as_u64().unwrap());
     std::fs::write(db, out).unwrap();
 }
