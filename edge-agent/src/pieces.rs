@@ -151,9 +151,17 @@ impl PieceList {
             ));
         }
         let (mut bases, end) = self.locate(&self.bases, size, "base")?;
-        if end > max_size {
+        // Each delta reads its base once more: a list of many deltas on one large base
+        // must not cost more than the cap either.
+        let reads = self
+            .pieces
+            .iter()
+            .chain(&self.bases)
+            .filter_map(|p| self.bases.get(usize::try_from(p.base?).ok()?))
+            .fold(end, |sum, b| sum.saturating_add(u64::from(b.ulen)));
+        if reads > max_size {
             return Err(format!(
-                "piece list makes a database of {end} bytes, more than {max_size}: it is damaged or hostile"
+                "piece list makes a database of {reads} bytes (with its bases), more than {max_size}: it is damaged or hostile"
             ));
         }
         let mut pieces = pieces;
@@ -269,7 +277,9 @@ pub struct ListBuilder {
     bases: Vec<Piece>,
     blobs: Vec<PieceBlob>,
     blob_pos: HashMap<String, u32>,
-    base_pos: HashMap<String, u32>,
+    /// A base is listed once per (id, chain under it): sharing only by id could put a
+    /// deeper chain under a piece than the writer measured.
+    base_pos: HashMap<(String, Option<u32>), u32>,
     size: u64,
 }
 
@@ -311,7 +321,7 @@ impl ListBuilder {
         entry: &Piece,
         under: Option<u32>,
     ) -> Result<u32, String> {
-        if let Some(pos) = self.base_pos.get(&entry.id) {
+        if let Some(pos) = self.base_pos.get(&(entry.id.clone(), under)) {
             return Ok(*pos);
         }
         let blob = usize::try_from(entry.blob)
@@ -322,7 +332,7 @@ impl ListBuilder {
         let listed = self.entry(blob, placement(id, entry), under);
         let pos = self.bases.len() as u32;
         self.bases.push(listed);
-        self.base_pos.insert(entry.id.clone(), pos);
+        self.base_pos.insert((entry.id.clone(), under), pos);
         Ok(pos)
     }
 
@@ -521,15 +531,31 @@ mod tests {
             (
                 |l| {
                     // A chain of nine deltas.
-                    let whole = l.bases[0].clone();
+                    let whole = Piece {
+                        ulen: 100,
+                        ..l.bases[0].clone()
+                    };
                     let deltas = (0..9u32).map(|n| Piece {
                         base: Some(n + 1),
-                        ..l.bases[0].clone()
+                        ..whole.clone()
                     });
-                    l.bases = deltas.chain([whole]).collect();
+                    l.bases = deltas.chain([whole.clone()]).collect();
                     l.pieces[0].base = Some(0);
                 },
                 "longer than 8",
+            ),
+            (
+                |l| {
+                    // Tiny deltas, each reading a large base again.
+                    let tiny = Piece {
+                        ulen: 1,
+                        base: Some(0),
+                        ..l.pieces[2].clone()
+                    };
+                    l.pieces.extend(std::iter::repeat_n(tiny, 16));
+                    l.size += 16;
+                },
+                "(with its bases), more than 1048576",
             ),
         ];
         for (lie, said) in cases {
@@ -552,5 +578,20 @@ mod tests {
         let mut b = ListBuilder::default();
         let e = b.carry(&old, old.pieces[0].base).unwrap_err();
         assert!(e.contains("broken chain at base 5"), "{e}");
+    }
+
+    #[test]
+    fn a_base_is_shared_only_with_the_same_chain_under_it() {
+        let old = deltas();
+        let mut b = ListBuilder::default();
+        let r = b.base(&old, &old.bases[0], None).unwrap();
+        let s = b.base(&old, &old.bases[1], None).unwrap();
+        let r_on_s = b.base(&old, &old.bases[0], Some(s)).unwrap();
+        assert_eq!((r, s), (0, 1));
+        assert_eq!(
+            r_on_s, 2,
+            "the same piece on another chain is another entry"
+        );
+        assert_eq!(b.base(&old, &old.bases[0], None).unwrap(), r);
     }
 }

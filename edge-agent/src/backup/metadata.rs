@@ -82,6 +82,13 @@ pub(super) fn store(
     let list = build_list(order, prev.as_ref().map(|(c, _)| c), &done)
         .map_err(|e| Error::Pipeline(format!("listing the metadata pieces: {e}")))?;
     let list = list.finish(&id.to_string(), hasher.key());
+    // What readers would refuse is never uploaded: stored whole instead.
+    if let Err(e) = list.clone().check(&id.to_string(), u64::MAX) {
+        if prev.is_some() {
+            return store(to, db, id, hasher, None);
+        }
+        return Err(Error::Pipeline(format!("the metadata piece list: {e}")));
+    }
     let object = put_list(to, &list, id)?;
     Ok(Stored {
         object,
