@@ -102,6 +102,18 @@ pub struct Checked {
     pub bases: Vec<Located>,
 }
 
+impl Located {
+    /// Where it lies in its blob, as a trailer entry says.
+    pub fn placement(&self) -> Placement {
+        Placement {
+            chunk: self.id,
+            offset: self.offset,
+            clen: self.clen,
+            ulen: self.ulen,
+        }
+    }
+}
+
 impl Checked {
     /// Every piece and base, each once: what a reader fetches.
     pub fn all(&self) -> impl Iterator<Item = &Located> {

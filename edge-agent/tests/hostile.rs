@@ -374,3 +374,63 @@ fn ls_escapes_forged_names_and_shows_what_restore_would_write() {
     assert!(paths.contains(&format!("{src}/text").as_str()), "{paths:?}");
     assert_eq!(paths.len(), 4, "{paths:?}");
 }
+
+#[test]
+fn a_forged_chain_of_delta_pieces_is_refused_by_name() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    for d in 0..10 {
+        for f in 0..100 {
+            let text = format!("{d} {f}\n");
+            write_file(&src.join(format!("d{d}/f{f:03}.txt")), text.as_bytes());
+        }
+    }
+    let key = keygen(t.path());
+    let cfg = local_config(t.path(), &[&src], &key, "");
+    backup_ok(&cfg);
+    for d in 0..10 {
+        write_file(&src.join(format!("d{d}/f050.txt")), b"edited\n");
+    }
+    backup_ok(&cfg);
+    let env = [("VAULTIK_PRIVATE_KEY", key.secret.as_str())];
+    let list = snapshot_list(&local_repo(t.path()), "", &env);
+    let id = list.last().unwrap()["id"].as_str().unwrap().to_string();
+    let meta = t.path().join(format!("repo/index/{id}.metadata"));
+    let honest = piece_list(&key, &meta);
+    let delta = honest["pieces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|p| p.get("base").is_some())
+        .expect("the edit stored a delta piece");
+    type Lie = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(Lie, &str)> = vec![
+        (
+            Box::new(|l| l["bases"][0]["base"] = 0.into()),
+            "longer than 8 (or a loop)",
+        ),
+        (
+            Box::new(move |l| l["pieces"][delta]["base"] = 999.into()),
+            "names no listed base",
+        ),
+        (
+            Box::new(|l| l["format"] = 1.into()),
+            "format 1 has delta pieces",
+        ),
+    ];
+    for (n, (lie, said)) in cases.iter().enumerate() {
+        let mut forged = honest.clone();
+        lie(&mut forged);
+        rewrite_piece_list(&meta, &key, &forged);
+        let target = t.path().join(format!("r{n}"));
+        let out = restore_latest(&local_repo(t.path()), "", &target, &env);
+        assert!(!out.status.success(), "{said}: restore succeeded");
+        assert!(stderr(&out).contains(said), "{said}: {}", stderr(&out));
+        assert!(
+            !target.exists() || std::fs::read_dir(&target).unwrap().next().is_none(),
+            "{said}: restore wrote something"
+        );
+    }
+    rewrite_piece_list(&meta, &key, &honest);
+    restore_latest_matches(t.path(), &key, &src, "honest");
+}

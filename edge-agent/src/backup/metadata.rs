@@ -175,7 +175,7 @@ fn build_list(
             Listed::Reused(n) => {
                 let (from, entry, located, blob) = old(n)?;
                 let base = list.carry(from, entry.base)?;
-                list.push(blob, placement(located), base);
+                list.push(blob, located.placement(), base);
             }
             Listed::New { blob, place, base } => {
                 let blob = done.get(&blob).ok_or("a metadata blob was never closed")?;
@@ -192,15 +192,6 @@ fn build_list(
         }
     }
     Ok(list)
-}
-
-fn placement(p: &crate::pieces::Located) -> Placement {
-    Placement {
-        chunk: p.id,
-        offset: p.offset,
-        clen: p.clen,
-        ulen: p.ulen,
-    }
 }
 
 fn put_list(to: &Target<'_>, list: &PieceList, id: &SnapshotId) -> Result<Uploaded> {

@@ -707,6 +707,18 @@ pub fn tamper_metadata(repo: &Path, key: &Key, sql: &str) {
     });
 }
 
+/// Writes `list` as the piece list of the metadata object `meta` with the stock `zstd`
+/// and `age`, and points its manifest at it, as anyone who can write to the bucket could.
+pub fn rewrite_piece_list(meta: &Path, key: &Key, list: &serde_json::Value) {
+    let sh = format!("zstd -q -c | age -r {} -o {}", key.public, meta.display());
+    sh_output(&sh, &serde_json::to_vec(list).unwrap());
+    let sealed = std::fs::read(meta).unwrap();
+    rewrite_manifest(&meta.with_extension("snapshot"), key, |m| {
+        m["metadata_size"] = sealed.len().into();
+        m["metadata_hash"] = hex::encode(blake3::hash(&sealed).as_bytes()).into();
+    });
+}
+
 /// Decrypts a manifest with the stock `age`, lets `edit` change its JSON, and encrypts
 /// it again to the public key, as anyone who can write to the bucket could.
 pub fn rewrite_manifest(manifest: &Path, key: &Key, edit: impl FnOnce(&mut serde_json::Value)) {
