@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 /// 2 stores extended attribute values as chunks (`xattrs.chunk_id`) instead of inline
 /// (`xattrs.value`), so no value is ever plaintext on the agent's disk. 3 may point at
 /// chunks stored as is (blob format 2), which readers of 2 cannot open.
-pub const METADATA_FORMAT: u32 = 3;
+pub const METADATA_FORMAT: u32 = 4;
 /// 2 adds `agent`, the identity of the index that made the snapshot. 3 makes the
 /// metadata object a list of the database's pieces (`crate::pieces`) instead of the
 /// database itself.
@@ -196,35 +196,40 @@ CREATE TABLE IF NOT EXISTS xattrs (
     node_id INTEGER NOT NULL,
     name BLOB NOT NULL,
     value BLOB,
-    chunk_id BLOB,
+    chunk INTEGER,
     PRIMARY KEY (node_id, name)
 ) WITHOUT ROWID;
 ";
 
-/// Part 2: file contents as chunk lists, and where chunks live. The local index keeps
-/// the same tables for its newest snapshot.
+/// Part 2: file contents as chunk lists, and where chunks live. A chunk's id (its
+/// keyed hash) and a blob's name are stored once; rows refer to them by number, which
+/// keeps the database, and the copy the agent keeps of it, small. The run database
+/// looks chunks up by id through an index of its own outside it (`index`); readers
+/// unpack the numbers into ids (`restore::catalog`).
 pub const CHUNK_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS file_chunks (
     node_id INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     offset INTEGER NOT NULL,
-    chunk_id BLOB NOT NULL,
+    chunk INTEGER NOT NULL,
     PRIMARY KEY (node_id, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks (
-    id BLOB PRIMARY KEY,
-    blob_id TEXT NOT NULL,
+    id INTEGER PRIMARY KEY,
+    hash BLOB NOT NULL,
+    blob INTEGER NOT NULL,
     offset INTEGER NOT NULL,
     clen INTEGER NOT NULL,
     ulen INTEGER NOT NULL
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS blobs (
-    id TEXT PRIMARY KEY,
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
     size INTEGER NOT NULL,
     plain_size INTEGER NOT NULL,
     payload_start INTEGER NOT NULL,
     hash BLOB NOT NULL
-) WITHOUT ROWID;
+);
 ";
 
 /// The whole metadata database (also the run database while a backup is in progress).

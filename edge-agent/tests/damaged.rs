@@ -71,7 +71,8 @@ impl Fixture {
         let _ = std::fs::remove_file(&db);
         decrypt_metadata(&self.key, &meta, &db);
         let q = format!(
-            "SELECT c.blob_id FROM nodes n JOIN file_chunks f ON f.node_id = n.id JOIN chunks c ON c.id = f.chunk_id WHERE CAST(n.path AS TEXT) LIKE '%/{name}' AND f.seq = 0"
+            "SELECT b.name FROM nodes n JOIN file_chunks f ON f.node_id = n.id JOIN chunks c ON c.id = f.chunk
+             JOIN blobs b ON b.id = c.blob WHERE CAST(n.path AS TEXT) LIKE '%/{name}' AND f.seq = 0"
         );
         let blob = sqlite(&db, &q).trim().to_string();
         assert_eq!(blob.len(), 64, "no blob for {name}");

@@ -108,7 +108,7 @@ fn restore_never_writes_through_a_symlink_in_the_snapshot() {
     ];
     f.tamper(&format!(
         "INSERT INTO nodes (path, kind, mode, uid, gid, size, mtime_ns, target, dev, ino, ctime_ns) VALUES {};
-         INSERT INTO file_chunks SELECT (SELECT id FROM nodes WHERE path = {}), seq, offset, chunk_id
+         INSERT INTO file_chunks SELECT (SELECT id FROM nodes WHERE path = {}), seq, offset, chunk
            FROM file_chunks WHERE node_id = (SELECT id FROM nodes WHERE path = {});",
         rows.join(", "),
         x(&a.join("file")),
@@ -191,10 +191,26 @@ fn hostile_numbers_and_chunk_lists_mark_files_damaged_not_abort() {
         ("DELETE FROM blobs".into(), "damaged", "no stored location"),
         (
             format!(
-                "UPDATE file_chunks SET chunk_id = X'00' WHERE node_id = (SELECT id FROM nodes WHERE path = {victim})"
+                "UPDATE chunks SET hash = X'00' WHERE id =
+                     (SELECT chunk FROM file_chunks WHERE node_id = (SELECT id FROM nodes WHERE path = {victim}))"
             ),
             "damaged",
             "1-byte id",
+        ),
+        (
+            format!(
+                "UPDATE file_chunks SET chunk = 987654321 WHERE node_id = (SELECT id FROM nodes WHERE path = {victim})"
+            ),
+            "damaged",
+            "has no id",
+        ),
+        (
+            format!(
+                "UPDATE chunks SET blob = 'x' WHERE id =
+                     (SELECT chunk FROM file_chunks WHERE node_id = (SELECT id FROM nodes WHERE path = {victim}))"
+            ),
+            "damaged",
+            "no stored location",
         ),
         (
             format!("UPDATE nodes SET uid = -1 WHERE path = {victim}"),
@@ -314,9 +330,9 @@ fn a_lying_index_in_the_metadata_cannot_disorder_chunk_reads() {
     // ascending, under the name restore would otherwise create itself: SQLite trusts
     // the SQL, so without a sort of its own restore would see chunks out of order.
     f.tamper(
-        "CREATE INDEX chunks_blob ON chunks (blob_id, offset DESC);
+        "CREATE INDEX chunks_blob ON chunks (blob, offset DESC);
          PRAGMA writable_schema = ON;
-         UPDATE sqlite_schema SET sql = 'CREATE INDEX chunks_blob ON chunks (blob_id, offset)'
+         UPDATE sqlite_schema SET sql = 'CREATE INDEX chunks_blob ON chunks (blob, offset)'
              WHERE name = 'chunks_blob';",
     );
     let target = f.t.path().join("r");

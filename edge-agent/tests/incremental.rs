@@ -178,9 +178,9 @@ fn a_carried_run_keeps_only_the_chunks_and_blobs_its_files_use() {
     let counts = sqlite(
         &db,
         "SELECT count(*) FROM chunks;
-         SELECT count(*) FROM chunks WHERE id NOT IN (SELECT chunk_id FROM file_chunks)
-             AND id NOT IN (SELECT chunk_id FROM xattrs WHERE chunk_id IS NOT NULL);
-         SELECT count(*) FROM blobs WHERE id NOT IN (SELECT blob_id FROM chunks);",
+         SELECT count(*) FROM chunks WHERE id NOT IN (SELECT chunk FROM file_chunks)
+             AND id NOT IN (SELECT chunk FROM xattrs WHERE chunk IS NOT NULL);
+         SELECT count(*) FROM blobs WHERE id NOT IN (SELECT blob FROM chunks);",
     );
     let counts: Vec<u64> = counts.lines().map(|l| l.parse().unwrap()).collect();
     assert!(counts[0] > 0, "{counts:?}");
@@ -319,6 +319,93 @@ fn edited_metadata_is_stored_as_deltas_in_chains_of_at_most_eight() {
     assert!(
         said.contains("1 snapshots") && said.contains("no problems found"),
         "{said}"
+    );
+    restore_latest_matches(t.path(), &key, &src, "r");
+}
+
+/// An older agent's kept copy: the uncompressed `-prev`, metadata format 3 (chunks and
+/// blobs by id), made from a format-4 one with the stock `zstd` and `sqlite3`.
+fn make_format_3_kept_copy(state: &std::path::Path) {
+    let packed = state.join("index.sqlite-prev.zst");
+    let prev = state.join("index.sqlite-prev");
+    let out = std::process::Command::new("zstd")
+        .args(["-q", "-d", "-f"])
+        .arg(&packed)
+        .arg("-o")
+        .arg(&prev)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::remove_file(&packed).unwrap();
+    sqlite(
+        &prev,
+        "CREATE TABLE old_blobs (id TEXT PRIMARY KEY, size INTEGER NOT NULL,
+             plain_size INTEGER NOT NULL, payload_start INTEGER NOT NULL, hash BLOB NOT NULL)
+             WITHOUT ROWID;
+         INSERT INTO old_blobs SELECT name, size, plain_size, payload_start, hash FROM blobs;
+         CREATE TABLE old_chunks (id BLOB PRIMARY KEY, blob_id TEXT NOT NULL,
+             offset INTEGER NOT NULL, clen INTEGER NOT NULL, ulen INTEGER NOT NULL) WITHOUT ROWID;
+         INSERT INTO old_chunks SELECT c.hash, b.name, c.offset, c.clen, c.ulen
+             FROM chunks c JOIN blobs b ON b.id = c.blob;
+         CREATE TABLE old_fc (node_id INTEGER NOT NULL, seq INTEGER NOT NULL,
+             offset INTEGER NOT NULL, chunk_id BLOB NOT NULL, PRIMARY KEY (node_id, seq))
+             WITHOUT ROWID;
+         INSERT INTO old_fc SELECT f.node_id, f.seq, f.offset, c.hash
+             FROM file_chunks f JOIN chunks c ON c.id = f.chunk;
+         CREATE TABLE old_x (node_id INTEGER NOT NULL, name BLOB NOT NULL, value BLOB,
+             chunk_id BLOB, PRIMARY KEY (node_id, name)) WITHOUT ROWID;
+         INSERT INTO old_x SELECT x.node_id, x.name, x.value, c.hash
+             FROM xattrs x LEFT JOIN chunks c ON c.id = x.chunk;
+         DROP TABLE blobs; DROP TABLE chunks; DROP TABLE file_chunks; DROP TABLE xattrs;
+         ALTER TABLE old_blobs RENAME TO blobs; ALTER TABLE old_chunks RENAME TO chunks;
+         ALTER TABLE old_fc RENAME TO file_chunks; ALTER TABLE old_x RENAME TO xattrs;
+         UPDATE meta SET value = '3' WHERE key = 'format';
+         VACUUM;",
+    );
+}
+
+#[test]
+fn the_kept_copy_is_packed_and_an_older_agents_copy_still_spares_reads_and_uploads() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    for d in 0..4 {
+        for f in 0..25 {
+            let text = format!("file {d}/{f}\n").repeat(20 + f);
+            write_file(&src.join(format!("d{d}/f{f:02}.txt")), text.as_bytes());
+        }
+    }
+    std::fs::write(src.join("big.bin"), pseudo_random(3 << 20, 5)).unwrap();
+    let key = keygen(t.path());
+    let cfg = local_config(t.path(), &[&src], &key, "");
+    backup_ok(&cfg);
+    let state = t.path().join("state");
+    let names = |dir: &std::path::Path| {
+        let mut n: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    // Between runs: the index and the packed copy, nothing unpacked, no scratch.
+    assert_eq!(
+        names(&state),
+        ["index.sqlite", "index.sqlite-prev.zst", "index.sqlite.lock"]
+    );
+
+    make_format_3_kept_copy(&state);
+    // A copy of an existing file's content: deduplicated against the upgraded copy.
+    std::fs::copy(src.join("big.bin"), src.join("copy.bin")).unwrap();
+    backup_ok(&cfg);
+    let s = last_summary(t.path(), &key);
+    assert_eq!(s["files_unmodified"].as_u64(), Some(101), "{s}");
+    assert_eq!(s["files_new"].as_u64(), Some(1), "{s}");
+    assert_eq!(s["bytes_read"].as_u64(), Some(3 << 20), "{s}");
+    assert_eq!(s["new_chunks"].as_u64(), Some(0), "{s}");
+    assert_eq!(s["uploaded_bytes"].as_u64(), Some(0), "{s}");
+    assert_eq!(
+        names(&state),
+        ["index.sqlite", "index.sqlite-prev.zst", "index.sqlite.lock"]
     );
     restore_latest_matches(t.path(), &key, &src, "r");
 }

@@ -205,7 +205,9 @@ fn every_entry_is_visited_again_when_a_visit_is_due() {
     // A kept snapshot that lost the attribute (as on a filesystem whose ctime does not
     // move): a run that visits only changed entries keeps what it holds...
     let state = t.path().join("state");
-    sqlite(&state.join("index.sqlite-prev"), "DELETE FROM xattrs;");
+    edit_kept_copy(&state, |db| {
+        sqlite(db, "DELETE FROM xattrs;");
+    });
     backup_ok(&cfg);
     assert!(snapshot_xattrs(t.path(), &key, &file).is_empty());
     // ...and a visit of everything, once due, reads it again.

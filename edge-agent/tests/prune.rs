@@ -263,8 +263,10 @@ fn prune_racing_backups_never_breaks_a_snapshot() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    // Garbage was collected along the way: far fewer blobs than were ever uploaded.
-    assert!(stored_blobs(&s3) <= 40, "{} blobs left", stored_blobs(&s3));
+    // Garbage was collected along the way: far fewer blobs than were ever uploaded (at
+    // least 6 runs of about 26 churn blobs each). The kept snapshot alone holds about
+    // 35 (stable and churn data, metadata pieces and the bases of its deltas).
+    assert!(stored_blobs(&s3) <= 60, "{} blobs left", stored_blobs(&s3));
 }
 
 /// Restores the newest snapshot of `src` and checks it byte for byte, then reads every
@@ -525,7 +527,7 @@ fn metadata_pieces_are_shared_between_snapshots_and_kept_by_prune() {
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     // Enough entries for a metadata database of many pieces.
-    for d in 0..40 {
+    for d in 0..55 {
         for f in 0..150 {
             write_file(
                 &src.join(format!("d{d:02}/file-{f:03}.txt")),

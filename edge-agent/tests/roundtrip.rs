@@ -210,12 +210,19 @@ fn metadata_opens_with_stock_age_zstd_and_sqlite3() {
     decrypt_metadata(&key, &meta, &db);
     let text = sqlite(
         &db,
-        "SELECT count(*) FROM nodes WHERE kind = 'file'; SELECT value FROM meta WHERE key = 'format';",
+        "SELECT count(*) FROM nodes WHERE kind = 'file'; SELECT value FROM meta WHERE key = 'format';
+         SELECT count(*) = (SELECT count(*) FROM file_chunks) FROM file_chunks f
+             JOIN chunks c ON c.id = f.chunk JOIN blobs b ON b.id = c.blob
+             WHERE length(c.hash) = 32 AND length(b.name) = 64;",
     );
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines.len(), 3, "{text}");
     assert!(lines[0].parse::<u32>().unwrap() >= 10, "{text}");
-    assert_eq!(lines[1], "3");
+    assert_eq!(lines[1], "4");
+    assert_eq!(
+        lines[2], "1",
+        "every chunk of every file lies in a named blob"
+    );
     // The manifest is plain age too.
     let manifest = meta.with_extension("snapshot");
     let out = Command::new("age")
@@ -363,7 +370,7 @@ fn backup_writes_no_temp_file_and_no_plaintext() {
             [
                 "index.sqlite",
                 // The newest snapshot's metadata (names, stat data, chunk ids).
-                "index.sqlite-prev",
+                "index.sqlite-prev.zst",
                 "index.sqlite-wal",
                 "index.sqlite-shm",
                 "index.sqlite.lock"

@@ -94,7 +94,7 @@ fn agent_verify_changes_nothing_and_needs_a_snapshot() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read(&index).unwrap(), before);
     // Without the kept snapshot there is nothing to verify, and it says so.
-    std::fs::remove_file(t.path().join("state/index.sqlite-prev")).unwrap();
+    std::fs::remove_file(t.path().join("state/index.sqlite-prev.zst")).unwrap();
     let out = vaultik(&["verify", "--config", cfg.to_str().unwrap()], &[]);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -116,24 +116,35 @@ fn a_damaged_previous_snapshot_only_costs_an_upload() {
     backup_ok(&cfg);
     assert_eq!(last_summary(t.path(), &key)["new_chunks"], 0);
 
-    let prev = t.path().join("state/index.sqlite-prev");
     // Its first pages (the header, `meta`) stay intact: only a full check finds this.
-    let mut bytes = std::fs::read(&prev).unwrap();
-    let half = bytes.len() / 2;
-    for b in &mut bytes[half..] {
-        *b = 0x5a;
+    edit_kept_copy(&t.path().join("state"), |db| {
+        let mut bytes = std::fs::read(db).unwrap();
+        let half = bytes.len() / 2;
+        for b in &mut bytes[half..] {
+            *b = 0x5a;
+        }
+        std::fs::write(db, bytes).unwrap();
+    });
+    let packed = t.path().join("state/index.sqlite-prev.zst");
+    let cut = |p: &std::path::Path| {
+        let bytes = std::fs::read(p).unwrap();
+        std::fs::write(p, &bytes[..bytes.len() / 2]).unwrap();
+    };
+    for (damage, what) in [(None, "piece hashes"), (Some(cut), "packed copy cut short")] {
+        if let Some(damage) = damage {
+            damage(&packed);
+        }
+        let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{what}: {err}");
+        assert!(err.contains("is damaged"), "{what}: {err}");
+        let s = last_summary(t.path(), &key);
+        assert_eq!(
+            s["new_chunks"], first["new_chunks"],
+            "{what}: read and uploaded again: {s}"
+        );
+        assert_eq!(s["bytes_read"], first["bytes_read"], "{what}: {s}");
     }
-    std::fs::write(&prev, bytes).unwrap();
-    let out = vaultik(&["backup", cfg.to_str().unwrap(), "--cron"], &[]);
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    assert!(err.contains("is damaged"), "{err}");
-    let s = last_summary(t.path(), &key);
-    assert_eq!(
-        s["new_chunks"], first["new_chunks"],
-        "read and uploaded again: {s}"
-    );
-    assert_eq!(s["bytes_read"], first["bytes_read"], "{s}");
 
     restore_latest_matches(t.path(), &key, &src, "restored");
     // And the next run deduplicates against it again.
@@ -156,13 +167,12 @@ fn the_index_keeps_no_copy_of_the_snapshot() {
             .map(|m| m.len())
             .unwrap_or(0)
     };
-    // The snapshot's metadata (4000 files, chunk lists, chunk rows) is kept once, as
-    // `-prev`; the index itself gives back the space the run's salvage rows took.
-    assert!(
-        size("index.sqlite-prev") > 400_000,
-        "{}",
-        size("index.sqlite-prev")
-    );
+    // The snapshot's metadata (4000 files, chunk lists, chunk rows) is kept once,
+    // packed (4000 chunk ids alone take 128,000 bytes), and not unpacked between runs;
+    // the index itself gives back the space the run's salvage rows took.
+    let kept = size("index.sqlite-prev.zst");
+    assert!(kept > 128_000 && kept < 400_000, "{kept}");
+    assert_eq!(size("index.sqlite-prev"), 0);
     let index = size("index.sqlite") + size("index.sqlite-wal");
     assert!(index < 100_000, "the index takes {index} bytes");
 }
@@ -182,7 +192,7 @@ fn a_snapshot_dated_in_the_future_does_not_stop_deduplication() {
     );
     backup_ok(&cfg);
     assert_eq!(last_summary(t.path(), &key)["new_chunks"], 0);
-    assert!(t.path().join("state/index.sqlite-prev").exists());
+    assert!(t.path().join("state/index.sqlite-prev.zst").exists());
     backup_ok(&cfg);
     assert_eq!(last_summary(t.path(), &key)["new_chunks"], 0);
 }

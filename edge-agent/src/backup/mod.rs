@@ -14,7 +14,7 @@ mod partial;
 use partial::PartialWalk;
 pub use partial::{Changes, Scope};
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -246,7 +246,7 @@ pub fn run(config: &Config, repo: &Repo, opts: Options) -> Result<Outcome> {
         batch: Vec::new(),
         batch_bytes: 0,
         done_rx: &done_rx,
-        pending: HashSet::new(),
+        pending: HashMap::new(),
         summary: Summary::default(),
         skipped: Vec::new(),
         progress: &opts.progress,
@@ -467,7 +467,8 @@ struct Scanner<'a> {
     batch_bytes: usize,
     done_rx: &'a Receiver<BlobDone>,
     /// Chunks sent to the packer whose blob has not finished yet.
-    pending: HashSet<ChunkId>,
+    /// Chunks queued for upload and not yet in a finished blob, with their rows.
+    pending: HashMap<ChunkId, i64>,
     summary: Summary,
     skipped: Vec<String>,
     progress: &'a Progress,
@@ -578,8 +579,8 @@ impl Scanner<'_> {
                 Ok(Some(value)) => {
                     // The value travels as a chunk: it may hold file content.
                     let id = self.hasher.id(&value);
-                    self.store_chunk(id, value)?;
-                    self.index.insert_xattr(node, name.as_bytes(), &id)?;
+                    let row = self.store_chunk(id, value)?;
+                    self.index.insert_xattr(node, name.as_bytes(), row)?;
                 }
                 Ok(None) => {} // removed since it was listed
                 Err(e) => self.skip_xattrs(path, &e),
@@ -630,10 +631,10 @@ impl Scanner<'_> {
             };
             let id = self.hasher.id(&data);
             let len = data.len() as u64;
-            self.index.add_file_chunk(node, seq as u64, offset, &id)?;
+            let row = self.store_chunk(id, data)?;
+            self.index.add_file_chunk(node, seq as u64, offset, row)?;
             offset += len;
             self.progress.add_bytes(len);
-            self.store_chunk(id, data)?;
         }
         if offset != stat.size {
             // The file changed while it was read; record what was actually stored.
@@ -656,15 +657,21 @@ impl Scanner<'_> {
         }
     }
 
-    /// Queues a chunk for upload unless it is stored already or on its way.
-    fn store_chunk(&mut self, id: ChunkId, data: Vec<u8>) -> Result<()> {
-        if !self.pending.contains(&id) && !self.index.chunk_known(&id)? {
-            self.pending.insert(id);
-            self.summary.new_chunks += 1;
-            self.summary.new_bytes += data.len() as u64;
-            self.send(NewChunk { id, data })?;
+    /// Queues a chunk for upload unless it is stored already or on its way; returns
+    /// its row.
+    fn store_chunk(&mut self, id: ChunkId, data: Vec<u8>) -> Result<i64> {
+        if let Some(row) = self.pending.get(&id) {
+            return Ok(*row);
         }
-        Ok(())
+        if let Some(row) = self.index.chunk_ref(&id)? {
+            return Ok(row);
+        }
+        let row = self.index.new_chunk(&id)?;
+        self.pending.insert(id, row);
+        self.summary.new_chunks += 1;
+        self.summary.new_bytes += data.len() as u64;
+        self.send(NewChunk { id, data })?;
+        Ok(row)
     }
 
     fn send(&mut self, c: NewChunk) -> Result<()> {
@@ -701,10 +708,19 @@ impl Scanner<'_> {
     }
 
     fn record(&mut self, done: BlobDone) -> Result<()> {
-        self.index.record_blob(&done)?;
-        for p in &done.entries {
-            self.pending.remove(&p.chunk);
-        }
+        let rows = done
+            .entries
+            .iter()
+            .map(|p| {
+                self.pending.remove(&p.chunk).ok_or_else(|| {
+                    Error::Pipeline(format!(
+                        "blob {} holds a chunk never queued",
+                        done.id.to_hex()
+                    ))
+                })
+            })
+            .collect::<Result<Vec<i64>>>()?;
+        self.index.record_blob(&done, &rows)?;
         self.summary.new_blobs += 1;
         self.summary.uploaded_bytes += done.uploaded.size;
         Ok(())

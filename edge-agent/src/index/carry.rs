@@ -77,6 +77,9 @@ impl Index {
         }
         self.attach_run()?;
         self.carried = copied.is_ok();
+        if self.carried {
+            self.ready.set(super::chunks::Ready::Seeded);
+        }
         Ok(self.carried)
     }
 
@@ -158,11 +161,11 @@ impl Index {
         for sql in [
             format!(
                 "INSERT OR IGNORE INTO temp.dropped
-                     SELECT chunk_id FROM run.file_chunks WHERE node_id IN ({under})"
+                     SELECT chunk FROM run.file_chunks WHERE node_id IN ({under})"
             ),
             format!(
-                "INSERT OR IGNORE INTO temp.dropped SELECT chunk_id FROM run.xattrs
-                 WHERE node_id IN ({under}) AND chunk_id IS NOT NULL"
+                "INSERT OR IGNORE INTO temp.dropped SELECT chunk FROM run.xattrs
+                 WHERE node_id IN ({under}) AND chunk IS NOT NULL"
             ),
             format!("DELETE FROM run.file_chunks WHERE node_id IN ({under})"),
             format!("DELETE FROM run.xattrs WHERE node_id IN ({under})"),

@@ -9,6 +9,8 @@
 //! run in progress: those blobs are never pruned (docs/FORMAT.md, "Prune safety").
 
 mod carry;
+mod chunks;
+mod kept;
 mod previous;
 pub use carry::{CarryKey, Child, RunTotals};
 
@@ -16,7 +18,6 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::pack::{BlobId, Placement};
 use crate::snapshot::{AgentId, NodeKind, metadata_schema};
@@ -91,6 +92,15 @@ pub struct Index {
     run_path: PathBuf,
     /// The newest snapshot's metadata database, attached as `prev` (`previous`).
     prev_path: PathBuf,
+    /// Its packed copy, kept between runs (`kept`).
+    kept_path: PathBuf,
+    /// The working copy of a read-only index: a private temporary file.
+    scratch: Option<tempfile::NamedTempFile>,
+    /// The run's lookup from chunk ids to chunk rows, attached as `ids` (`chunks`).
+    ids_path: PathBuf,
+    ready: std::cell::Cell<chunks::Ready>,
+    /// The number the run's next new chunk row gets.
+    next_row: std::cell::Cell<i64>,
     read_only: bool,
     /// Whether the previous snapshot, and young blobs of an interrupted run, have
     /// chunks to deduplicate against: a first backup then skips both lookups per chunk.
@@ -234,6 +244,15 @@ pub(crate) fn private_file(path: &Path) -> Result<()> {
     .map_err(|e| Error::io("creating", path, e))
 }
 
+/// Removes `path`; one that is not there is no error.
+fn remove_if_there(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("removing", path, e)),
+    }
+}
+
 /// Only real corruption justifies setting an index aside; a locked or unreadable one
 /// is an error to report.
 fn is_corrupt(e: &rusqlite::Error) -> bool {
@@ -267,11 +286,10 @@ impl Index {
             }
             Err(reason) => return Err(sql_err(path)(reason)),
         };
-        let mut index = Index {
-            notices,
-            _lock: Some(lock),
-            ..Index::over(conn, path)
-        };
+        let mut index = Index::over(conn, path);
+        index.notices = notices;
+        index._lock = Some(lock);
+        index.unpack_kept()?;
         index.attach_previous(true)?;
         Ok(index)
     }
@@ -283,6 +301,11 @@ impl Index {
             path: path.to_path_buf(),
             run_path: beside(path, "-run"),
             prev_path: beside(path, "-prev"),
+            kept_path: beside(path, "-prev.zst"),
+            scratch: None,
+            ids_path: beside(path, "-ids"),
+            ready: Default::default(),
+            next_row: Default::default(),
             read_only: false,
             dedup_prev: false,
             dedup_salvage: false,
@@ -296,10 +319,9 @@ impl Index {
     pub fn open_read_only(path: &Path) -> Result<Self> {
         let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(sql_err(path))?;
-        let mut index = Index {
-            read_only: true,
-            ..Index::over(conn, path)
-        };
+        let mut index = Index::over(conn, path);
+        index.read_only = true;
+        index.unpack_kept()?;
         index.attach_previous(false)?;
         Ok(index)
     }
@@ -452,6 +474,7 @@ impl Index {
         }
         private_file(&self.run_path)?;
         self.carried = false;
+        self.attach_ids()?;
         self.attach_run()
     }
 
@@ -466,9 +489,12 @@ impl Index {
         // Index names are qualified by their table's schema, not their own name.
         let schema = schema.replace("ON run.nodes", "ON nodes");
         self.conn.execute_batch(&schema).map_err(self.e())?;
+        // Freed space is zeroed: deleted rows leave nothing behind, and the pieces
+        // and the kept copy compress better.
         self.conn
             .execute_batch(
-                "CREATE TEMP TABLE IF NOT EXISTS dropped (id BLOB PRIMARY KEY) WITHOUT ROWID;
+                "PRAGMA run.secure_delete = ON;
+                 CREATE TEMP TABLE IF NOT EXISTS dropped (id INTEGER PRIMARY KEY);
                  DELETE FROM temp.dropped;
                  BEGIN",
             )
@@ -531,13 +557,13 @@ impl Index {
         Ok(self.conn.last_insert_rowid())
     }
 
-    /// Records an extended attribute whose value is stored as chunk `value`.
-    pub fn insert_xattr(&self, node: i64, name: &[u8], value: &ChunkId) -> Result<()> {
+    /// Records an extended attribute whose value is stored as chunk row `value`.
+    pub fn insert_xattr(&self, node: i64, name: &[u8], value: i64) -> Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO run.xattrs (node_id, name, chunk_id) VALUES (?1, ?2, ?3)",
+                "INSERT OR REPLACE INTO run.xattrs (node_id, name, chunk) VALUES (?1, ?2, ?3)",
             )
-            .and_then(|mut s| s.execute(params![node, name, &value.0[..]]))
+            .and_then(|mut s| s.execute(params![node, name, value]))
             .map(|_| ())
             .map_err(self.e())
     }
@@ -559,9 +585,9 @@ impl Index {
         self.conn
             .execute_batch(&format!(
                 "INSERT OR IGNORE INTO temp.dropped
-                     SELECT chunk_id FROM run.file_chunks WHERE node_id = {node};
+                     SELECT chunk FROM run.file_chunks WHERE node_id = {node};
                  INSERT OR IGNORE INTO temp.dropped
-                     SELECT chunk_id FROM run.xattrs WHERE node_id = {node} AND chunk_id IS NOT NULL;
+                     SELECT chunk FROM run.xattrs WHERE node_id = {node} AND chunk IS NOT NULL;
                  DELETE FROM run.file_chunks WHERE node_id = {node};
                  DELETE FROM run.xattrs WHERE node_id = {node};
                  DELETE FROM run.nodes WHERE id = {node};"
@@ -579,63 +605,28 @@ impl Index {
             .map_err(self.e())
     }
 
-    /// Reuses an unchanged file's chunk list. Where its chunks live is copied for all
-    /// reused files at once by `finish_run`.
+    /// Reuses an unchanged file's chunk list: its chunk rows keep their numbers in the
+    /// run (`chunks`).
     pub fn reuse_chunks(&self, old_node: i64, new_node: i64) -> Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT INTO run.file_chunks (node_id, seq, offset, chunk_id)
-                 SELECT ?2, seq, offset, chunk_id FROM prev.file_chunks WHERE node_id = ?1",
+                "INSERT INTO run.file_chunks (node_id, seq, offset, chunk)
+                 SELECT ?2, seq, offset, chunk FROM prev.file_chunks WHERE node_id = ?1",
             )
             .and_then(|mut s| s.execute(params![old_node, new_node]))
             .map(|_| ())
             .map_err(self.e())
     }
 
-    pub fn add_file_chunk(&self, node: i64, seq: u64, offset: u64, id: &ChunkId) -> Result<()> {
+    /// Adds chunk row `chunk` to a file's chunk list.
+    pub fn add_file_chunk(&self, node: i64, seq: u64, offset: u64, chunk: i64) -> Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT INTO run.file_chunks (node_id, seq, offset, chunk_id) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO run.file_chunks (node_id, seq, offset, chunk) VALUES (?1, ?2, ?3, ?4)",
             )
-            .and_then(|mut s| s.execute(params![node, seq as i64, offset as i64, &id.0[..]]))
+            .and_then(|mut s| s.execute(params![node, seq as i64, offset as i64, chunk]))
             .map(|_| ())
             .map_err(self.e())
-    }
-
-    /// True when the chunk is already stored in a completed blob that this run may use.
-    pub fn chunk_known(&self, id: &ChunkId) -> Result<bool> {
-        let in_run: bool = self
-            .conn
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM run.chunks WHERE id = ?1)")
-            .and_then(|mut s| s.query_row([&id.0[..]], |r| r.get(0)))
-            .map_err(self.e())?;
-        if in_run {
-            return Ok(true);
-        }
-        // Found in the previous snapshot or in young blobs of an interrupted run (old
-        // ones were deleted by `begin_run`; this run's own are in `run.chunks`).
-        for (wanted, copy) in [
-            (
-                self.dedup_prev,
-                "INSERT OR IGNORE INTO run.chunks SELECT * FROM prev.chunks WHERE id = ?1",
-            ),
-            (
-                self.dedup_salvage,
-                "INSERT OR IGNORE INTO run.chunks SELECT * FROM main.partial_chunks WHERE id = ?1",
-            ),
-        ] {
-            let copied = wanted
-                && self
-                    .conn
-                    .prepare_cached(copy)
-                    .and_then(|mut s| s.execute([&id.0[..]]))
-                    .map_err(self.e())?
-                    > 0;
-            if copied {
-                return Ok(true);
-            }
-        }
-        Ok(false)
     }
 
     /// True when `table` has a row.
@@ -647,54 +638,11 @@ impl Index {
             .map_err(self.e())
     }
 
-    pub fn record_blob(&self, b: &BlobDone) -> Result<()> {
-        let id = b.id.to_hex();
-        let (size, plain, start) = (
-            b.uploaded.size as i64,
-            b.plain_size as i64,
-            b.payload_start as i64,
-        );
-        let hash = &b.uploaded.hash[..];
-        // Also remembered outside the run database, so that a run killed after this
-        // point does not upload the blob again.
-        self.conn
-            .prepare_cached("INSERT INTO run.blobs VALUES (?1, ?2, ?3, ?4, ?5)")
-            .and_then(|mut s| s.execute(params![id, size, plain, start, hash]))
-            .and_then(|_| {
-                self.conn.prepare_cached(
-                    "INSERT OR IGNORE INTO main.partial_blobs VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )
-            })
-            .and_then(|mut s| s.execute(params![id, size, plain, start, hash, now_ns()]))
-            .map_err(self.e())?;
-        // In id order, each page of the two chunk tables is written once per blob.
-        let mut entries: Vec<&Placement> = b.entries.iter().collect();
-        entries.sort_unstable_by_key(|p| p.chunk.0);
-        for table in ["run.chunks", "main.partial_chunks"] {
-            let mut s = self
-                .conn
-                .prepare_cached(&format!(
-                    "INSERT OR IGNORE INTO {table} (id, blob_id, offset, clen, ulen) VALUES (?1, ?2, ?3, ?4, ?5)"
-                ))
-                .map_err(self.e())?;
-            for p in &entries {
-                s.execute(params![&p.chunk.0[..], id, p.offset as i64, p.clen, p.ulen])
-                    .map_err(self.e())?;
-            }
-        }
-        self.checkpoint()
-    }
-
-    /// Completes the run database: blob rows for reused chunks, drops chunk and blob
-    /// rows nothing references (a carried run starts with all of the previous ones),
+    /// Completes the run database: drops chunk and blob rows nothing references,
     /// writes `meta`, and detaches it. Returns its path for upload.
     pub fn finish_run(&mut self, meta: &[(&str, String)]) -> Result<PathBuf> {
         let e = sql_err(&self.path);
-        if self.carried {
-            self.drop_unreferenced().map_err(&e)?;
-        } else {
-            self.keep_referenced().map_err(&e)?;
-        }
+        self.settle_chunks()?;
         for (k, v) in meta {
             self.conn
                 .execute(
@@ -703,77 +651,11 @@ impl Index {
                 )
                 .map_err(&e)?;
         }
-        let missing: i64 = self
-            .conn
-            .query_row(
-                "SELECT count(*) FROM run.chunks WHERE blob_id NOT IN (SELECT id FROM run.blobs)",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(&e)?;
-        if missing > 0 {
-            return Err(Error::Pipeline(format!(
-                "{missing} chunks reference blobs the index does not know"
-            )));
-        }
         self.conn
             .execute_batch("COMMIT; DETACH DATABASE run")
             .map_err(&e)?;
+        self.drop_ids()?;
         Ok(self.run_path.clone())
-    }
-
-    /// A run that started empty: copies the rows of chunks it took over from the
-    /// previous snapshot with a file's chunk list, and drops the rows of chunks no file
-    /// references and of blobs no chunk lies in.
-    fn keep_referenced(&self) -> rusqlite::Result<()> {
-        // The chunks the run references, sorted once into a temporary table (sorting
-        // is cheaper than building an index in random order), then joined in id order.
-        self.conn.execute_batch(
-            "CREATE TEMP TABLE refs (id BLOB PRIMARY KEY) WITHOUT ROWID;
-             INSERT OR IGNORE INTO temp.refs SELECT chunk_id FROM run.file_chunks ORDER BY 1;
-             INSERT OR IGNORE INTO temp.refs
-                 SELECT chunk_id FROM run.xattrs WHERE chunk_id IS NOT NULL;
-             INSERT OR IGNORE INTO run.chunks
-                 SELECT c.* FROM temp.refs r JOIN prev.chunks c ON c.id = r.id;
-             DELETE FROM run.chunks WHERE id NOT IN temp.refs;
-             DROP TABLE temp.refs;
-             DELETE FROM run.blobs WHERE id NOT IN (SELECT blob_id FROM run.chunks);
-             INSERT OR IGNORE INTO run.blobs
-                 SELECT * FROM prev.blobs WHERE id IN (SELECT blob_id FROM run.chunks);",
-        )?;
-        self.salvaged_blobs()
-    }
-
-    /// A run that started as a copy of the previous snapshot: of the chunks whose rows
-    /// it removed, drops those nothing references any more, then blobs left empty.
-    fn drop_unreferenced(&self) -> rusqlite::Result<()> {
-        let dropped = self.conn.execute(
-            "DELETE FROM run.chunks WHERE id IN temp.dropped
-                 AND id NOT IN (SELECT chunk_id FROM run.file_chunks WHERE chunk_id IN temp.dropped)
-                 AND id NOT IN (SELECT chunk_id FROM run.xattrs WHERE chunk_id IN temp.dropped)",
-            [],
-        )?;
-        if dropped > 0 {
-            self.conn.execute(
-                "DELETE FROM run.blobs WHERE id NOT IN (SELECT blob_id FROM run.chunks)",
-                [],
-            )?;
-        }
-        if self.dedup_salvage {
-            self.salvaged_blobs()?;
-        }
-        Ok(())
-    }
-
-    /// Rows for the blobs of an interrupted run whose chunks the run took over.
-    fn salvaged_blobs(&self) -> rusqlite::Result<()> {
-        self.conn.execute(
-            "INSERT OR IGNORE INTO run.blobs
-                 SELECT id, size, plain_size, payload_start, hash FROM main.partial_blobs
-                 WHERE id IN (SELECT blob_id FROM run.chunks)",
-            [],
-        )?;
-        Ok(())
     }
 
     /// Makes the uploaded snapshot the index's reference for the next run.
@@ -782,6 +664,8 @@ impl Index {
     pub fn commit_snapshot(&mut self, id: &str, time_unix_ns: i64, pieces: &str) -> Result<()> {
         // The run database becomes the previous snapshot first: until the index records
         // the snapshot, `pending_manifest` keeps it from being used (`previous`).
+        let run = self.run_path.clone();
+        self.pack_kept(&run)?;
         self.keep_run_as_previous()?;
         let e = sql_err(&self.path);
         self.conn
@@ -831,7 +715,12 @@ impl Index {
         }
         let mut q = self
             .conn
-            .prepare("SELECT id, size FROM prev.blobs")
+            .prepare(if self.previous_format().map_err(self.e())? >= 4 {
+                "SELECT name, size FROM prev.blobs"
+            } else {
+                // Read-only, a kept copy an older agent made is used as it is.
+                "SELECT id, size FROM prev.blobs"
+            })
             .map_err(self.e())?;
         let rows = q
             .query_map([], |r| {
@@ -847,9 +736,16 @@ impl Index {
     }
 }
 
+impl Drop for Index {
+    fn drop(&mut self) {
+        self.drop_working_copy();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunk::ChunkId;
     use crate::pack::Placement;
 
     fn blob(n: u8, chunks: &[ChunkId]) -> BlobDone {
@@ -899,7 +795,9 @@ mod tests {
     fn chunk_ids(db: &Path) -> Vec<(Vec<u8>, String)> {
         let c = Connection::open(db).unwrap();
         let mut q = c
-            .prepare("SELECT id, blob_id FROM chunks ORDER BY id")
+            .prepare(
+                "SELECT c.hash, b.name FROM chunks c JOIN blobs b ON b.id = c.blob ORDER BY c.hash",
+            )
             .unwrap();
         q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
             .unwrap()
@@ -914,11 +812,15 @@ mod tests {
         let [used, unused, kept] = [1u8, 2, 3].map(|n| ChunkId([n; 32]));
         index.begin_run().unwrap();
         let a = file(&index, b"a");
-        index.record_blob(&blob(7, &[used, unused, kept])).unwrap();
-        index.add_file_chunk(a, 0, 0, &used).unwrap();
+        let rows = [used, unused, kept].map(|c| index.new_chunk(&c).unwrap());
+        index
+            .record_blob(&blob(7, &[used, unused, kept]), &rows)
+            .unwrap();
+        index.add_file_chunk(a, 0, 0, rows[0]).unwrap();
         let b = file(&index, b"bb");
-        index.add_file_chunk(b, 0, 0, &kept).unwrap();
-        let db = index.finish_run(&[("snapshot_id", "s1".into())]).unwrap();
+        index.add_file_chunk(b, 0, 0, rows[2]).unwrap();
+        let meta = [("snapshot_id", "s1".into()), ("format", "4".into())];
+        let db = index.finish_run(&meta).unwrap();
         let blob7 = BlobId([7; 32]).to_hex();
         assert_eq!(
             chunk_ids(&db),
@@ -940,7 +842,17 @@ mod tests {
             })
             .unwrap();
         index.reuse_chunks(old, b2).unwrap();
+        assert_eq!(
+            index.chunk_ref(&kept).unwrap(),
+            Some(rows[2]),
+            "same number"
+        );
+        assert_eq!(index.chunk_ref(&unused).unwrap(), None, "dropped last run");
         let db = index.finish_run(&[]).unwrap();
         assert_eq!(chunk_ids(&db), [(kept.0.to_vec(), blob7)]);
+        assert!(
+            !t.path().join("index.sqlite-ids").exists(),
+            "scratch removed"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The previous snapshot: the metadata database of the agent's newest completed
-//! snapshot, kept beside the index as `<index>-prev` and attached as `prev`. It is
+//! snapshot, kept beside the index (packed, `kept`), unpacked as `<index>-prev` and
+//! attached as `prev`. It is
 //! what unchanged files are recognised by and what chunks are deduplicated against.
 //! When it is missing, damaged, or not the newest snapshot the index knows, an empty
 //! in-memory database stands in: everything is read and uploaded again.
@@ -12,7 +13,7 @@ use super::Index;
 use crate::chunk::ChunkHasher;
 use crate::error::{Error, Result};
 use crate::pieces::PieceList;
-use crate::snapshot::metadata_schema;
+use crate::snapshot::{METADATA_FORMAT, metadata_schema};
 
 impl Index {
     /// Attaches the previous snapshot as `prev` (outside a transaction). `check` first
@@ -25,7 +26,14 @@ impl Index {
                 .execute("ATTACH DATABASE ?1 AS prev", [prev])
                 .map_err(self.e())?;
             match self.previous_is_usable(check) {
-                Ok(true) => return Ok(()),
+                Ok(true) if self.read_only => return Ok(()),
+                Ok(true) => match self.upgrade_previous() {
+                    Ok(()) => return Ok(()),
+                    Err(reason) => self.notices.push(format!(
+                        "warning: the kept copy of the newest snapshot's metadata ({}) could not be brought to format {METADATA_FORMAT} ({reason}); this backup reads and uploads everything again",
+                        self.prev_path.display()
+                    )),
+                },
                 Ok(false) => {}
                 Err(reason) => self.notices.push(format!(
                     "warning: the kept copy of the newest snapshot's metadata ({}) is damaged ({reason}); this backup reads and uploads everything again",
@@ -120,11 +128,8 @@ impl Index {
     }
 
     fn remove_previous(&self) -> Result<()> {
-        match std::fs::remove_file(&self.prev_path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("removing", &self.prev_path, e)),
-        }
+        super::remove_if_there(&self.kept_path)?;
+        super::remove_if_there(&self.prev_path)
     }
 
     /// True when `prev` is intact and is the newest snapshot the index knows, and no
@@ -149,6 +154,60 @@ impl Index {
         )?;
         let newest = self.newest_snapshot()?;
         Ok(!pending && newest.is_some() && self.prev_meta("snapshot_id")? == newest)
+    }
+
+    /// The format of the attached previous snapshot.
+    pub(super) fn previous_format(&self) -> rusqlite::Result<u32> {
+        Ok(self
+            .prev_meta("format")?
+            .and_then(|f| f.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Rewrites a kept copy in format 2 or 3 (chunks and blobs by id) into format 4
+    /// (by row number), in place, so that an upgraded agent still skips unchanged
+    /// files and deduplicates. Format 1 (values of extended attributes inline) fails
+    /// here and is forgotten.
+    fn upgrade_previous(&self) -> rusqlite::Result<()> {
+        if self.previous_format()? >= METADATA_FORMAT {
+            return Ok(());
+        }
+        let schema = metadata_schema().replace("IF NOT EXISTS ", "IF NOT EXISTS prev.");
+        let schema = schema.replace("ON prev.nodes", "ON nodes");
+        let result = self.conn.execute_batch(&format!(
+            "BEGIN;
+             ALTER TABLE prev.blobs RENAME TO old_blobs;
+             ALTER TABLE prev.chunks RENAME TO old_chunks;
+             ALTER TABLE prev.file_chunks RENAME TO old_file_chunks;
+             ALTER TABLE prev.xattrs RENAME TO old_xattrs;
+             {schema}
+             INSERT INTO prev.blobs (name, size, plain_size, payload_start, hash)
+                 SELECT id, size, plain_size, payload_start, hash FROM prev.old_blobs ORDER BY id;
+             INSERT INTO prev.chunks (hash, blob, offset, clen, ulen)
+                 SELECT c.id, b.id, c.offset, c.clen, c.ulen
+                 FROM prev.old_chunks c JOIN prev.blobs b ON b.name = c.blob_id
+                 ORDER BY b.id, c.offset;
+             CREATE INDEX prev.chunks_by_hash ON chunks (hash);
+             INSERT INTO prev.file_chunks (node_id, seq, offset, chunk)
+                 SELECT f.node_id, f.seq, f.offset, c.id
+                 FROM prev.old_file_chunks f JOIN prev.chunks c ON c.hash = f.chunk_id;
+             INSERT INTO prev.xattrs (node_id, name, value, chunk)
+                 SELECT x.node_id, x.name, x.value, c.id
+                 FROM prev.old_xattrs x LEFT JOIN prev.chunks c ON c.hash = x.chunk_id;
+             DROP INDEX prev.chunks_by_hash;
+             DROP TABLE prev.old_blobs;
+             DROP TABLE prev.old_chunks;
+             DROP TABLE prev.old_file_chunks;
+             DROP TABLE prev.old_xattrs;
+             UPDATE prev.meta SET value = '{METADATA_FORMAT}' WHERE key = 'format';
+             COMMIT;"
+        ));
+        if result.is_err() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return result;
+        }
+        // Dropped tables leave free pages: compacted once.
+        self.conn.execute_batch("VACUUM prev")
     }
 
     /// No previous snapshot: an empty one in memory, so queries need no special case.

@@ -297,6 +297,44 @@ fn list_pieces(conn: &Connection, list: &Checked) -> Result<()> {
     Ok(())
 }
 
+/// Format 4 refers to chunks and blobs by row number; readers query format 3's tables,
+/// keyed by chunk id and blob name. The private copy is rewritten into them. Rows that
+/// are not what vaultik writes are dropped or left without an id, and the files that
+/// use them are then reported damaged by the checks every reader makes. Every step is
+/// a join, which SQLite answers through an index (its own when the table has none),
+/// so a hostile schema cannot make it quadratic.
+fn unpack_numbers(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE unpacked_blobs (id TEXT PRIMARY KEY, size, plain_size, payload_start, hash)
+             WITHOUT ROWID;
+         INSERT OR IGNORE INTO unpacked_blobs
+             SELECT name, size, plain_size, payload_start, hash FROM blobs;
+         CREATE TABLE unpacked_chunks (id BLOB PRIMARY KEY, blob_id, offset, clen, ulen)
+             WITHOUT ROWID;
+         INSERT OR IGNORE INTO unpacked_chunks
+             SELECT c.hash, b.name, c.offset, c.clen, c.ulen
+             FROM chunks c LEFT JOIN blobs b ON b.id = c.blob;
+         CREATE TABLE unpacked_file_chunks (node_id, seq, offset, chunk_id,
+             PRIMARY KEY (node_id, seq)) WITHOUT ROWID;
+         INSERT OR IGNORE INTO unpacked_file_chunks
+             SELECT f.node_id, f.seq, f.offset, c.hash
+             FROM file_chunks f LEFT JOIN chunks c ON c.id = f.chunk;
+         CREATE TABLE unpacked_xattrs (node_id, name, value, chunk_id,
+             PRIMARY KEY (node_id, name)) WITHOUT ROWID;
+         INSERT OR IGNORE INTO unpacked_xattrs
+             SELECT x.node_id, x.name, x.value, c.hash
+             FROM xattrs x LEFT JOIN chunks c ON c.id = x.chunk;
+         DROP TABLE xattrs;
+         DROP TABLE file_chunks;
+         DROP TABLE chunks;
+         DROP TABLE blobs;
+         ALTER TABLE unpacked_blobs RENAME TO blobs;
+         ALTER TABLE unpacked_chunks RENAME TO chunks;
+         ALTER TABLE unpacked_file_chunks RENAME TO file_chunks;
+         ALTER TABLE unpacked_xattrs RENAME TO xattrs;",
+    )
+}
+
 pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Result<Metadata> {
     let id = SnapshotId::parse(&manifest.id)
         .ok_or_else(|| Error::SnapshotNotFound(manifest.id.clone()))?;
@@ -363,6 +401,10 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
     if format < 2 {
         // Format 1 kept extended attribute values inline; readers look for both.
         conn.execute_batch("ALTER TABLE xattrs ADD COLUMN chunk_id BLOB")?;
+    }
+    if format >= 4 {
+        unpack_numbers(&conn)
+            .map_err(|e| Error::Damaged(format!("{what}: its chunk tables are not valid: {e}")))?;
     }
     let key = meta_value(&conn, "chunk_key")?
         .and_then(|k| {

@@ -327,8 +327,11 @@ impl Tiling {
     pub fn push(&mut self, c: ChunkRef) -> Result<(), String> {
         let seq = self.seq;
         self.seq += 1;
-        if c.id_len != 32 {
-            return Err(format!("chunk {seq} has a {}-byte id", c.id_len));
+        match c.id_len {
+            32 => {}
+            // Format 4: a number that is no chunk's row.
+            0 => return Err(format!("chunk {seq} has no id")),
+            n => return Err(format!("chunk {seq} has a {n}-byte id")),
         }
         let Some(ulen) = c.ulen else {
             return Err(format!("chunk {seq} has no stored location"));

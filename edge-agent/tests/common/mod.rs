@@ -419,6 +419,34 @@ pub fn decrypt_metadata(key: &Key, meta: &Path, db: &Path) {
     std::fs::write(db, out).unwrap();
 }
 
+/// Changes the agent's kept copy of its newest snapshot's metadata as a damaged disk
+/// or an older agent could: unpacked with the stock `zstd`, `edit`ed, packed again.
+pub fn edit_kept_copy(state: &Path, edit: impl FnOnce(&Path)) {
+    let packed = state.join("index.sqlite-prev.zst");
+    let db = state.join("edited.sqlite");
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new("zstd").args(args).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    run(&[
+        "-q".as_ref(),
+        "-d".as_ref(),
+        "-f".as_ref(),
+        packed.as_os_str(),
+        "-o".as_ref(),
+        db.as_os_str(),
+    ]);
+    edit(&db);
+    run(&[
+        "-q".as_ref(),
+        "-f".as_ref(),
+        db.as_os_str(),
+        "-o".as_ref(),
+        packed.as_os_str(),
+    ]);
+    std::fs::remove_file(&db).unwrap();
+}
+
 /// Runs `sql` with the stock `sqlite3` and returns its output.
 pub fn sqlite(db: &Path, sql: &str) -> String {
     let out = Command::new("sqlite3")
