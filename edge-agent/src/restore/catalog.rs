@@ -302,24 +302,28 @@ fn list_pieces(conn: &Connection, list: &Checked) -> Result<()> {
 /// are not what vaultik writes are dropped or left without an id, and the files that
 /// use them are then reported damaged by the checks every reader makes. Every step is
 /// a join, which SQLite answers through an index (its own when the table has none),
-/// so a hostile schema cannot make it quadratic.
+/// so a hostile schema cannot make it quadratic. The columns keep format 3's types:
+/// without them a comparison with an integer could not use the primary key, and
+/// restore's joins would scan.
 fn unpack_numbers(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
-        "CREATE TABLE unpacked_blobs (id TEXT PRIMARY KEY, size, plain_size, payload_start, hash)
+        "CREATE TABLE unpacked_blobs (id TEXT PRIMARY KEY, size INTEGER, plain_size INTEGER,
+             payload_start INTEGER, hash BLOB)
              WITHOUT ROWID;
          INSERT OR IGNORE INTO unpacked_blobs
              SELECT name, size, plain_size, payload_start, hash FROM blobs;
-         CREATE TABLE unpacked_chunks (id BLOB PRIMARY KEY, blob_id, offset, clen, ulen)
+         CREATE TABLE unpacked_chunks (id BLOB PRIMARY KEY, blob_id TEXT, offset INTEGER,
+             clen INTEGER, ulen INTEGER)
              WITHOUT ROWID;
          INSERT OR IGNORE INTO unpacked_chunks
              SELECT c.hash, b.name, c.offset, c.clen, c.ulen
              FROM chunks c LEFT JOIN blobs b ON b.id = c.blob;
-         CREATE TABLE unpacked_file_chunks (node_id, seq, offset, chunk_id,
+         CREATE TABLE unpacked_file_chunks (node_id INTEGER, seq INTEGER, offset INTEGER, chunk_id BLOB,
              PRIMARY KEY (node_id, seq)) WITHOUT ROWID;
          INSERT OR IGNORE INTO unpacked_file_chunks
              SELECT f.node_id, f.seq, f.offset, c.hash
              FROM file_chunks f LEFT JOIN chunks c ON c.id = f.chunk;
-         CREATE TABLE unpacked_xattrs (node_id, name, value, chunk_id,
+         CREATE TABLE unpacked_xattrs (node_id INTEGER, name BLOB, value BLOB, chunk_id BLOB,
              PRIMARY KEY (node_id, name)) WITHOUT ROWID;
          INSERT OR IGNORE INTO unpacked_xattrs
              SELECT x.node_id, x.name, x.value, c.hash
@@ -443,6 +447,52 @@ mod tests {
         let mut out = Vec::new();
         decompress_capped(&packed[..], &mut out, 10 << 20, "m").unwrap();
         assert_eq!(out.len(), 10 << 20);
+    }
+
+    #[test]
+    fn unpacked_tables_are_joined_through_their_keys() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(&crate::snapshot::metadata_schema())
+            .unwrap();
+        c.execute_batch(
+            "INSERT INTO nodes VALUES (1, 'f', 'file', 420, 0, 0, 3, 0, NULL, 1, 1, 0);
+             INSERT INTO blobs VALUES (1, 'b', 10, 9, 1, x'00');
+             INSERT INTO chunks VALUES (1, x'aa', 1, 8, 3, 3);
+             INSERT INTO file_chunks VALUES (1, 0, 0, 1), (1, 1, 3, 99);",
+        )
+        .unwrap();
+        unpack_numbers(&c).unwrap();
+        let rows: Vec<(i64, Option<Vec<u8>>, Option<String>)> = c
+            .prepare(
+                "SELECT f.seq, f.chunk_id, c.blob_id FROM file_chunks f
+                 LEFT JOIN chunks c ON c.id = f.chunk_id ORDER BY f.seq",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            rows,
+            [(0, Some(vec![0xaa]), Some("b".into())), (1, None, None)],
+            "a number that names no row leaves no id"
+        );
+        // Typed columns: a join from an integer column searches the key, never scans.
+        let plan: Vec<String> = c
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT * FROM nodes n
+                 LEFT JOIN file_chunks f ON f.node_id = n.id LEFT JOIN chunks c ON c.id = f.chunk_id",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|p| p.starts_with("SEARCH f USING PRIMARY KEY")),
+            "{plan:?}"
+        );
     }
 
     #[test]
