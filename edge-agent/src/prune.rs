@@ -419,9 +419,7 @@ pub fn plan(repo: &Repo, ids: &Identities, opts: &Options) -> Result<Plan> {
         // A kept snapshot whose metadata cannot be read stops the prune: its blobs
         // would otherwise look unreferenced.
         let meta = crate::restore::open_metadata(repo, ids, m.clone())?;
-        let mut q = meta
-            .conn
-            .prepare("SELECT id FROM blobs UNION SELECT blob_id FROM chunks")?;
+        let mut q = meta.conn.prepare("SELECT name FROM blobs")?;
         for id in q.query_map([], |r| r.get::<_, String>(0))? {
             // Compared in canonical form, so case cannot make a used blob look unused.
             let id = id?;

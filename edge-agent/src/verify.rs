@@ -90,10 +90,10 @@ struct BlobRecord {
     snapshot: String,
 }
 
-fn files_in_blob(meta: &Metadata, blob: &str) -> Result<Vec<String>> {
+fn files_in_blob(meta: &Metadata, blob: i64) -> Result<Vec<String>> {
     let mut q = meta.conn.prepare_cached(
         "SELECT DISTINCT n.path FROM nodes n JOIN file_chunks f ON f.node_id = n.id
-         JOIN chunks c ON c.id = f.chunk_id WHERE c.blob_id = ?1 ORDER BY n.path",
+         JOIN chunks c ON c.id = f.chunk WHERE c.blob = ?1 ORDER BY n.path",
     )?;
     let rows = q.query_map([blob], |r| r.get::<_, Vec<u8>>(0))?;
     let mut out = Vec::new();
@@ -154,12 +154,14 @@ pub fn verify(repo: &Repo, ids: &Identities, read: ReadData) -> Result<Report> {
                 continue;
             }
         };
-        let mut q = meta.conn.prepare("SELECT id, size, hash FROM blobs")?;
-        let blobs: Vec<(String, i64, Vec<u8>)> = q
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        let mut q = meta
+            .conn
+            .prepare("SELECT id, name, size, hash FROM blobs")?;
+        let blobs: Vec<(i64, String, i64, Vec<u8>)> = q
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
             .collect::<rusqlite::Result<_>>()?;
         drop(q);
-        for (blob, size, hash) in blobs {
+        for (row, blob, size, hash) in blobs {
             let problem = match stored.get(&blob) {
                 None => Some("blob is missing".to_string()),
                 Some(s) if *s != size as u64 => Some(format!("blob is {s} bytes, expected {size}")),
@@ -167,14 +169,14 @@ pub fn verify(repo: &Repo, ids: &Identities, read: ReadData) -> Result<Report> {
             };
             checked.insert(blob.clone());
             if let Some(what) = problem {
-                report.add(&blob, what, &sid, files_in_blob(&meta, &blob)?);
+                report.add(&blob, what, &sid, files_in_blob(&meta, row)?);
                 continue;
             }
             if read != ReadData::None && seen.insert(blob.clone()) {
                 affected
                     .entry(blob.clone())
                     .or_default()
-                    .extend(files_in_blob(&meta, &blob)?);
+                    .extend(files_in_blob(&meta, row)?);
                 to_read.entry(blob).or_insert(BlobRecord {
                     size: size as u64,
                     hash,

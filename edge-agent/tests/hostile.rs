@@ -258,6 +258,28 @@ fn metadata_with_views_or_triggers_is_refused() {
 }
 
 #[test]
+fn chunk_tables_declared_otherwise_are_refused_by_name() {
+    // Untyped columns: SQLite could not search them by key, and every one of restore's
+    // joins would scan the table, once per file.
+    let f = Forged::new();
+    f.tamper(
+        "CREATE TABLE fc (node_id, seq, offset, chunk, PRIMARY KEY (node_id, seq)) WITHOUT ROWID;
+         INSERT INTO fc SELECT * FROM file_chunks;
+         DROP TABLE file_chunks;
+         ALTER TABLE fc RENAME TO file_chunks;",
+    );
+    let target = f.t.path().join("r");
+    let (code, err) = f.run(&["restore", target.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("not vaultik metadata")
+            && err.contains("\"file_chunks\" is not declared as format 4"),
+        "{err}"
+    );
+    assert!(!target.exists());
+}
+
+#[test]
 fn fetch_of_a_directory_restores_its_whole_subtree() {
     let f = Forged::new();
     std::fs::write(f.src.join("d/g.txt"), b"second").unwrap();
@@ -327,13 +349,15 @@ fn a_foreign_manifest_is_skipped_and_stops_prune() {
 fn a_lying_index_in_the_metadata_cannot_disorder_chunk_reads() {
     let f = Forged::new();
     // An index whose entries run in descending order while its recorded SQL says
-    // ascending, under the name restore would otherwise create itself: SQLite trusts
-    // the SQL, so without a sort of its own restore would see chunks out of order.
+    // ascending: SQLite trusts the SQL, so without a sort of its own restore would see
+    // chunks out of order. It covers every column restore reads, so the planner prefers
+    // it to the index restore builds.
     f.tamper(
-        "CREATE INDEX chunks_blob ON chunks (blob, offset DESC);
+        "CREATE INDEX chunks_by_blob ON chunks (blob, offset DESC, hash, clen, ulen);
          PRAGMA writable_schema = ON;
-         UPDATE sqlite_schema SET sql = 'CREATE INDEX chunks_blob ON chunks (blob, offset)'
-             WHERE name = 'chunks_blob';",
+         UPDATE sqlite_schema
+             SET sql = 'CREATE INDEX chunks_by_blob ON chunks (blob, offset, hash, clen, ulen)'
+             WHERE name = 'chunks_by_blob';",
     );
     let target = f.t.path().join("r");
     let (code, err) = f.run(&["restore", target.to_str().unwrap()]);

@@ -30,6 +30,8 @@ const MERGE_GAP: u64 = 256 << 10;
 
 /// A wanted chunk, its location checked to lie inside the blob.
 pub(super) struct Want {
+    /// Its row in `chunks` (a metadata piece: its place in the list).
+    pub row: i64,
     pub id: ChunkId,
     pub offset: u64,
     pub clen: u64,
@@ -155,52 +157,60 @@ impl<'a> BlobWorker<'a> {
         self.warnings
     }
 
-    /// The blob's encrypted size and payload start, if its row is sane.
-    fn geometry(&self, blob: &str) -> Result<Option<Geometry>> {
-        let row: Option<(i64, i64)> = self
+    /// The blob of row `blob`: its name as written, and its id, encrypted size and
+    /// payload start if the row is sane.
+    fn record(&self, blob: i64) -> Result<(String, Option<(BlobId, Geometry)>)> {
+        let row: Option<(Option<Vec<u8>>, i64, i64)> = self
             .conn
             .query_row(
-                "SELECT size, payload_start FROM blobs WHERE id = ?1 LIMIT 1",
+                "SELECT CAST(name AS BLOB), size, payload_start FROM blobs WHERE id = ?1",
                 [blob],
-                |r| Ok((super::int(r, 0)?, super::int(r, 1)?)),
+                |r| Ok((r.get(0)?, super::int(r, 1)?, super::int(r, 2)?)),
             )
             .optional()?;
-        Ok(row.and_then(|(size, start)| {
+        let Some((Some(name), size, start)) = row else {
+            return Ok((format!("#{blob}"), None));
+        };
+        let name = String::from_utf8_lossy(&name).into_owned();
+        let sane = (|| {
             let g = Geometry {
                 size: u64::try_from(size).ok()?,
                 payload_start: u64::try_from(start).ok()?,
             };
-            (g.payload_start <= g.size).then_some(g)
-        }))
+            (g.payload_start <= g.size).then_some((BlobId::parse(&name)?, g))
+        })();
+        Ok((name, sane))
     }
 
     /// Wanted chunks of the blob, split into those that lie inside it and the rest.
-    fn wants(&self, blob: &str, plain_max: u64) -> Result<(Vec<Want>, Vec<ChunkId>)> {
+    fn wants(&self, blob: i64, plain_max: u64) -> Result<(Vec<Want>, Vec<i64>)> {
         let mut q = self.conn.prepare_cached(
-            "SELECT c.id, c.offset, c.clen, c.ulen FROM chunks c WHERE c.blob_id = ?1 AND (EXISTS
+            "SELECT c.id, c.hash, c.offset, c.clen, c.ulen FROM chunks c WHERE c.blob = ?1 AND (EXISTS
                (SELECT 1 FROM file_chunks f JOIN vaultik_sel sel ON sel.data_node = f.node_id
-                WHERE f.chunk_id = c.id AND sel.kind = 'file')
+                WHERE f.chunk = c.id AND sel.kind = 'file')
              OR EXISTS (SELECT 1 FROM xattrs x JOIN vaultik_sel sel ON sel.node_id = x.node_id
-                WHERE x.chunk_id = c.id AND sel.kind IN ('file', 'damaged', 'dir')))
+                WHERE x.chunk = c.id AND sel.kind IN ('file', 'damaged', 'dir')))
              ORDER BY c.offset",
         )?;
         let rows = q.query_map([blob], |r| {
             Ok((
-                super::bytes(r, 0)?,
-                super::int(r, 1)?,
+                r.get::<_, i64>(0)?,
+                super::bytes(r, 1)?,
                 super::int(r, 2)?,
                 super::int(r, 3)?,
+                super::int(r, 4)?,
             ))
         })?;
         let (mut inside, mut outside) = (Vec::new(), Vec::new());
         for row in rows {
-            let (id, offset, clen, ulen) = row?;
+            let (row, id, offset, clen, ulen) = row?;
             // Ids were checked before the data pass; a bad one cannot be wanted.
             let Some(id) = ChunkId::from_slice(&id) else {
                 continue;
             };
             let want = (|| {
                 let w = Want {
+                    row,
                     id,
                     offset: u64::try_from(offset).ok()?,
                     clen: u64::try_from(clen).ok().filter(|c| *c <= MAX_FRAME)?,
@@ -210,7 +220,7 @@ impl<'a> BlobWorker<'a> {
             })();
             match want {
                 Some(w) => inside.push(w),
-                None => outside.push(id),
+                None => outside.push(row),
             }
         }
         // The hostile database may carry its own index that lies about order.
@@ -219,22 +229,21 @@ impl<'a> BlobWorker<'a> {
     }
 
     /// Restores every wanted chunk of one blob; returns the files it could not complete.
-    pub fn restore_blob(&mut self, blob: &str) -> Result<Damaged> {
+    pub fn restore_blob(&mut self, row: i64) -> Result<Damaged> {
         let mut bad = Vec::new();
-        let (Some(blob_id), Some(geom)) = (BlobId::parse(blob), self.geometry(blob)?) else {
-            let (inside, outside) = self.wants(blob, u64::MAX)?;
-            for id in inside.iter().map(|w| w.id).chain(outside) {
-                self.mark_damaged(&id, &format!("blob {blob:?} has no valid record"), &mut bad)?;
+        let (blob, sane) = self.record(row)?;
+        let Some((blob_id, geom)) = sane else {
+            let (inside, outside) = self.wants(row, u64::MAX)?;
+            for chunk in inside.iter().map(|w| w.row).chain(outside) {
+                let why = format!("blob {blob:?} has no valid record");
+                self.mark_damaged(chunk, &why, &mut bad)?;
             }
             return Ok(bad);
         };
-        let (wants, outside) = self.wants(blob, geom.size)?;
-        for id in &outside {
-            self.mark_damaged(
-                id,
-                &format!("blob {blob}: chunk entry lies outside the blob"),
-                &mut bad,
-            )?;
+        let (wants, outside) = self.wants(row, geom.size)?;
+        for chunk in outside {
+            let why = format!("blob {blob}: chunk entry lies outside the blob");
+            self.mark_damaged(chunk, &why, &mut bad)?;
         }
         let key = self.repo.blob_key(&blob_id);
         let what = format!("blob {blob}");
@@ -243,7 +252,7 @@ impl<'a> BlobWorker<'a> {
             Err(Error::Key(e @ KeyError::WrongKey { .. })) => return Err(e.into()),
             Err(e) => {
                 for w in &wants {
-                    self.mark_damaged(&w.id, &e.to_string(), &mut bad)?;
+                    self.mark_damaged(w.row, &e.to_string(), &mut bad)?;
                 }
                 return Ok(bad);
             }
@@ -267,7 +276,7 @@ impl<'a> BlobWorker<'a> {
                 });
                 match got {
                     Ok(()) => self.place(w, &one, &mut bad)?,
-                    Err(e) => self.mark_damaged(&w.id, &e.to_string(), &mut bad)?,
+                    Err(e) => self.mark_damaged(w.row, &e.to_string(), &mut bad)?,
                 }
             }
             reader = match self.open_blob(&key, geom, &what) {
@@ -290,16 +299,16 @@ impl<'a> BlobWorker<'a> {
     fn place(&mut self, w: &Want, frame: &[u8], bad: &mut Damaged) -> Result<()> {
         let data = match self.frames.open(frame, w.ulen, w.id) {
             Ok(d) => d,
-            Err(e) => return self.mark_damaged(&w.id, &e.to_string(), bad),
+            Err(e) => return self.mark_damaged(w.row, &e.to_string(), bad),
         };
-        self.keep_xattrs(&w.id, &data)?;
+        self.keep_xattrs(w.row, &data)?;
         let zero = data.iter().all(|b| *b == 0);
         // Streamed: a chunk may appear in many places of many files.
         let mut q = self.conn.prepare_cached(&format!(
             "SELECT {DEST_COLUMNS} FROM file_chunks f JOIN vaultik_sel sel ON sel.data_node = f.node_id
-             WHERE f.chunk_id = ?1 AND sel.kind = 'file' ORDER BY sel.node_id"
+             WHERE f.chunk = ?1 AND sel.kind = 'file' ORDER BY sel.node_id"
         ))?;
-        let mut rows = q.query([&w.id.0[..]])?;
+        let mut rows = q.query([w.row])?;
         while let Some(r) = rows.next()? {
             let d = dest(r)?;
             self.progress.add_bytes(data.len() as u64);
@@ -319,13 +328,13 @@ impl<'a> BlobWorker<'a> {
 
     /// Keeps the values of extended attributes stored as this chunk, for the metadata
     /// pass (they must be set after the data: writing a file drops capabilities).
-    fn keep_xattrs(&self, id: &ChunkId, value: &[u8]) -> Result<()> {
+    fn keep_xattrs(&self, chunk: i64, value: &[u8]) -> Result<()> {
         let mut q = self.conn.prepare_cached(
             "SELECT x.node_id, x.name FROM xattrs x JOIN vaultik_sel sel ON sel.node_id = x.node_id
-             WHERE x.chunk_id = ?1 AND sel.kind IN ('file', 'damaged', 'dir')",
+             WHERE x.chunk = ?1 AND sel.kind IN ('file', 'damaged', 'dir')",
         )?;
         let names: Vec<(i64, Vec<u8>)> = q
-            .query_map([&id.0[..]], |r| Ok((r.get(0)?, super::bytes(r, 1)?)))?
+            .query_map([chunk], |r| Ok((r.get(0)?, super::bytes(r, 1)?)))?
             .collect::<rusqlite::Result<_>>()?;
         for (node, name) in names {
             self.xattrs.put(node, &name, value)?;
@@ -333,14 +342,15 @@ impl<'a> BlobWorker<'a> {
         Ok(())
     }
 
-    /// Reports the files and attributes that wanted chunk `id` as damaged. A whole file
-    /// is still created, as a hole of its size, and given its attributes.
-    fn mark_damaged(&mut self, id: &ChunkId, why: &str, bad: &mut Damaged) -> Result<()> {
+    /// Reports the files and attributes that wanted the chunk of row `chunk` as
+    /// damaged. A whole file is still created, as a hole of its size, and given its
+    /// attributes.
+    fn mark_damaged(&mut self, chunk: i64, why: &str, bad: &mut Damaged) -> Result<()> {
         let mut q = self.conn.prepare_cached(&format!(
             "SELECT {DEST_COLUMNS} FROM file_chunks f JOIN vaultik_sel sel ON sel.data_node = f.node_id
-             WHERE f.chunk_id = ?1 AND sel.kind = 'file' GROUP BY sel.node_id"
+             WHERE f.chunk = ?1 AND sel.kind = 'file' GROUP BY sel.node_id"
         ))?;
-        let mut rows = q.query([&id.0[..]])?;
+        let mut rows = q.query([chunk])?;
         while let Some(r) = rows.next()? {
             let d = dest(r)?;
             bad.push((self.target.display(&d.path), why.to_string()));
@@ -351,12 +361,10 @@ impl<'a> BlobWorker<'a> {
         drop(rows);
         let mut q = self.conn.prepare_cached(
             "SELECT sel.dest, x.name FROM xattrs x JOIN vaultik_sel sel ON sel.node_id = x.node_id
-             WHERE x.chunk_id = ?1 AND sel.kind IN ('file', 'damaged', 'dir')",
+             WHERE x.chunk = ?1 AND sel.kind IN ('file', 'damaged', 'dir')",
         )?;
         let names: Vec<(Vec<u8>, Vec<u8>)> = q
-            .query_map([&id.0[..]], |r| {
-                Ok((super::bytes(r, 0)?, super::bytes(r, 1)?))
-            })?
+            .query_map([chunk], |r| Ok((super::bytes(r, 0)?, super::bytes(r, 1)?)))?
             .collect::<rusqlite::Result<_>>()?;
         for (d, name) in names {
             let why = format!(
@@ -528,7 +536,9 @@ fn read_pieces_of(
     let blob = list.blob_ids[n].to_hex();
     let wants: Vec<Want> = pieces
         .iter()
-        .map(|p| Want {
+        .zip(0..)
+        .map(|(p, row)| Want {
+            row,
             id: p.id,
             offset: p.offset,
             clen: u64::from(p.clen),
@@ -591,6 +601,7 @@ mod tests {
     #[test]
     fn spans_merge_close_chunks_and_split_far_ones() {
         let w = |offset, clen| Want {
+            row: 0,
             id: ChunkId([0; 32]),
             offset,
             clen,

@@ -9,6 +9,7 @@ use std::path::Path;
 use rusqlite::Connection;
 use rusqlite::config::DbConfig;
 
+use super::schema;
 use crate::chunk::ChunkHasher;
 use crate::crypt::{Identities, KeyError};
 use crate::error::{Error, Result};
@@ -195,41 +196,6 @@ pub(crate) fn harden(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// Only ordinary tables and indexes, as vaultik writes them: no views, no triggers, no
-/// virtual tables. SQLite builds its schema from the `sql` text, so that is what counts.
-fn check_schema(conn: &Connection, what: &str) -> Result<()> {
-    let mut q = conn.prepare("SELECT type, name, sql FROM sqlite_schema")?;
-    let mut rows = q.query([])?;
-    while let Some(r) = rows.next()? {
-        let kind: String = r.get(0)?;
-        let name: String = r.get(1)?;
-        let sql: Option<String> = r.get(2)?;
-        let sql = sql.unwrap_or_default().to_ascii_uppercase();
-        let sql = sql.split_whitespace().collect::<Vec<_>>().join(" ");
-        let ordinary = match kind.as_str() {
-            "table" => sql.starts_with("CREATE TABLE "),
-            // Automatic indexes (for UNIQUE and PRIMARY KEY) have no SQL text.
-            "index" => {
-                sql.is_empty()
-                    || sql.starts_with("CREATE INDEX ")
-                    || sql.starts_with("CREATE UNIQUE INDEX ")
-            }
-            _ => false,
-        };
-        if !ordinary {
-            let shown = if kind == "table" && sql.contains("VIRTUAL") {
-                "virtual table"
-            } else {
-                kind.as_str()
-            };
-            return Err(Error::Damaged(format!(
-                "{what} is not vaultik metadata: it holds a {shown} {name:?}"
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// Decompresses `plain` into `out`, stopping with an error past `limit` bytes.
 fn decompress_capped(plain: impl Read, out: &mut impl Write, limit: u64, what: &str) -> Result<()> {
     let z = zstd::stream::Decoder::new(plain).map_err(|e| Error::io("decompressing", what, e))?;
@@ -269,7 +235,7 @@ fn read_pieces(
 /// `chunks` and `blobs`, so that prune keeps them and verify checks them like any other.
 fn list_pieces(conn: &Connection, list: &Checked) -> Result<()> {
     let mut blob = conn.prepare(
-        "INSERT OR IGNORE INTO blobs (id, size, plain_size, payload_start, hash)
+        "INSERT OR IGNORE INTO blobs (name, size, plain_size, payload_start, hash)
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     for (b, id) in list.list.blobs.iter().zip(&list.blob_ids) {
@@ -283,7 +249,8 @@ fn list_pieces(conn: &Connection, list: &Checked) -> Result<()> {
         ])?;
     }
     let mut chunk = conn.prepare(
-        "INSERT OR IGNORE INTO chunks (id, blob_id, offset, clen, ulen) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO chunks (hash, blob, offset, clen, ulen)
+         SELECT ?1, id, ?3, ?4, ?5 FROM blobs WHERE name = ?2",
     )?;
     for p in list.all() {
         chunk.execute(rusqlite::params![
@@ -295,48 +262,6 @@ fn list_pieces(conn: &Connection, list: &Checked) -> Result<()> {
         ])?;
     }
     Ok(())
-}
-
-/// Format 4 refers to chunks and blobs by row number; readers query format 3's tables,
-/// keyed by chunk id and blob name. The private copy is rewritten into them. Rows that
-/// are not what vaultik writes are dropped or left without an id, and the files that
-/// use them are then reported damaged by the checks every reader makes. Every step is
-/// a join, which SQLite answers through an index (its own when the table has none),
-/// so a hostile schema cannot make it quadratic. The columns keep format 3's types:
-/// without them a comparison with an integer could not use the primary key, and
-/// restore's joins would scan.
-fn unpack_numbers(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(
-        "CREATE TABLE unpacked_blobs (id TEXT PRIMARY KEY, size INTEGER, plain_size INTEGER,
-             payload_start INTEGER, hash BLOB)
-             WITHOUT ROWID;
-         INSERT OR IGNORE INTO unpacked_blobs
-             SELECT name, size, plain_size, payload_start, hash FROM blobs;
-         CREATE TABLE unpacked_chunks (id BLOB PRIMARY KEY, blob_id TEXT, offset INTEGER,
-             clen INTEGER, ulen INTEGER)
-             WITHOUT ROWID;
-         INSERT OR IGNORE INTO unpacked_chunks
-             SELECT c.hash, b.name, c.offset, c.clen, c.ulen
-             FROM chunks c LEFT JOIN blobs b ON b.id = c.blob;
-         CREATE TABLE unpacked_file_chunks (node_id INTEGER, seq INTEGER, offset INTEGER, chunk_id BLOB,
-             PRIMARY KEY (node_id, seq)) WITHOUT ROWID;
-         INSERT OR IGNORE INTO unpacked_file_chunks
-             SELECT f.node_id, f.seq, f.offset, c.hash
-             FROM file_chunks f LEFT JOIN chunks c ON c.id = f.chunk;
-         CREATE TABLE unpacked_xattrs (node_id INTEGER, name BLOB, value BLOB, chunk_id BLOB,
-             PRIMARY KEY (node_id, name)) WITHOUT ROWID;
-         INSERT OR IGNORE INTO unpacked_xattrs
-             SELECT x.node_id, x.name, x.value, c.hash
-             FROM xattrs x LEFT JOIN chunks c ON c.id = x.chunk;
-         DROP TABLE xattrs;
-         DROP TABLE file_chunks;
-         DROP TABLE chunks;
-         DROP TABLE blobs;
-         ALTER TABLE unpacked_blobs RENAME TO blobs;
-         ALTER TABLE unpacked_chunks RENAME TO chunks;
-         ALTER TABLE unpacked_file_chunks RENAME TO file_chunks;
-         ALTER TABLE unpacked_xattrs RENAME TO xattrs;",
-    )
 }
 
 pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Result<Metadata> {
@@ -393,7 +318,7 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
     // A private, disposable copy: durability would only cost fsyncs.
     conn.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")
         .map_err(|e| Error::Damaged(format!("{what} is not a database: {e}")))?;
-    check_schema(&conn, &what)?;
+    schema::check_objects(&conn, &what)?;
     let format: u32 = meta_value(&conn, "format")?
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| Error::Damaged(format!("{what}: no format version")))?;
@@ -402,14 +327,11 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
             "{what} has format {format}; this vaultik reads up to {METADATA_FORMAT}: upgrade vaultik"
         )));
     }
-    if format < 2 {
-        // Format 1 kept extended attribute values inline; readers look for both.
-        conn.execute_batch("ALTER TABLE xattrs ADD COLUMN chunk_id BLOB")?;
-    }
-    if format >= 4 {
-        unpack_numbers(&conn)
+    if format < 4 {
+        schema::number_chunks(&conn, format)
             .map_err(|e| Error::Damaged(format!("{what}: its chunk tables are not valid: {e}")))?;
     }
+    schema::check_tables(&conn, &what)?;
     let key = meta_value(&conn, "chunk_key")?
         .and_then(|k| {
             let mut b = [0u8; 32];
@@ -419,11 +341,7 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
     if let Some(list) = &pieces {
         list_pieces(&conn, list)?;
     }
-    conn.execute_batch(
-        "CREATE INDEX IF NOT EXISTS fc_chunk ON file_chunks (chunk_id);
-         CREATE INDEX IF NOT EXISTS xattrs_chunk ON xattrs (chunk_id);
-         CREATE INDEX IF NOT EXISTS chunks_blob ON chunks (blob_id, offset);",
-    )?;
+    schema::add_reader_indexes(&conn)?;
     Ok(Metadata {
         manifest,
         file,
@@ -447,74 +365,5 @@ mod tests {
         let mut out = Vec::new();
         decompress_capped(&packed[..], &mut out, 10 << 20, "m").unwrap();
         assert_eq!(out.len(), 10 << 20);
-    }
-
-    #[test]
-    fn unpacked_tables_are_joined_through_their_keys() {
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(&crate::snapshot::metadata_schema())
-            .unwrap();
-        c.execute_batch(
-            "INSERT INTO nodes VALUES (1, 'f', 'file', 420, 0, 0, 3, 0, NULL, 1, 1, 0);
-             INSERT INTO blobs VALUES (1, 'b', 10, 9, 1, x'00');
-             INSERT INTO chunks VALUES (1, x'aa', 1, 8, 3, 3);
-             INSERT INTO file_chunks VALUES (1, 0, 0, 1), (1, 1, 3, 99);",
-        )
-        .unwrap();
-        unpack_numbers(&c).unwrap();
-        let rows: Vec<(i64, Option<Vec<u8>>, Option<String>)> = c
-            .prepare(
-                "SELECT f.seq, f.chunk_id, c.blob_id FROM file_chunks f
-                 LEFT JOIN chunks c ON c.id = f.chunk_id ORDER BY f.seq",
-            )
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        assert_eq!(
-            rows,
-            [(0, Some(vec![0xaa]), Some("b".into())), (1, None, None)],
-            "a number that names no row leaves no id"
-        );
-        // Typed columns: a join from an integer column searches the key, never scans.
-        let plan: Vec<String> = c
-            .prepare(
-                "EXPLAIN QUERY PLAN SELECT * FROM nodes n
-                 LEFT JOIN file_chunks f ON f.node_id = n.id LEFT JOIN chunks c ON c.id = f.chunk_id",
-            )
-            .unwrap()
-            .query_map([], |r| r.get(3))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        assert!(
-            plan.iter()
-                .any(|p| p.starts_with("SEARCH f USING PRIMARY KEY")),
-            "{plan:?}"
-        );
-    }
-
-    #[test]
-    fn views_and_triggers_are_refused() {
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch("CREATE TABLE nodes (x); CREATE VIEW v AS SELECT 1;")
-            .unwrap();
-        let e = check_schema(&c, "m").unwrap_err().to_string();
-        assert!(e.contains("view"), "{e}");
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(
-            "CREATE TABLE nodes (x); CREATE TRIGGER t AFTER INSERT ON nodes BEGIN SELECT 1; END;",
-        )
-        .unwrap();
-        let e = check_schema(&c, "m").unwrap_err().to_string();
-        assert!(e.contains("trigger"), "{e}");
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(
-            "CREATE TABLE nodes (x UNIQUE, y); CREATE INDEX i ON nodes (y);
-             CREATE TABLE w (k PRIMARY KEY) WITHOUT ROWID;",
-        )
-        .unwrap();
-        check_schema(&c, "m").unwrap();
     }
 }

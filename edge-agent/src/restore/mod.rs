@@ -20,6 +20,7 @@ mod blobs;
 mod catalog;
 pub mod listing;
 pub mod plan;
+mod schema;
 mod target;
 
 use std::collections::BTreeMap;
@@ -377,13 +378,13 @@ impl FileCheck {
 fn check_chunk_lists(conn: &Connection, target: &Target, report: &mut Report) -> Result<()> {
     let mut q = conn.prepare(
         "SELECT s.node_id, s.dest, s.size, f.offset,
-                CASE WHEN typeof(c.blob_id) = 'text' AND b.id IS NOT NULL THEN c.ulen END,
-                CASE WHEN typeof(f.chunk_id) = 'blob' THEN length(f.chunk_id) ELSE 0 END,
+                CASE WHEN b.id IS NOT NULL THEN c.ulen END,
+                CASE WHEN typeof(c.hash) = 'blob' THEN length(c.hash) ELSE 0 END,
                 f.node_id IS NOT NULL
          FROM vaultik_sel s
          LEFT JOIN file_chunks f ON f.node_id = s.data_node
-         LEFT JOIN chunks c ON c.id = f.chunk_id
-         LEFT JOIN blobs b ON b.id = c.blob_id
+         LEFT JOIN chunks c ON c.id = f.chunk
+         LEFT JOIN blobs b ON b.id = c.blob
          WHERE s.kind = 'file' ORDER BY s.node_id, f.seq",
     )?;
     let mut rows = q.query([])?;
@@ -448,9 +449,9 @@ fn create_files(conn: &Connection, target: &mut Target) -> Result<()> {
 fn check_xattr_chunks(conn: &Connection, target: &Target, report: &mut Report) -> Result<()> {
     let mut q = conn.prepare(
         "SELECT s.dest, x.name FROM vaultik_sel s JOIN xattrs x ON x.node_id = s.node_id
-         LEFT JOIN chunks c ON c.id = x.chunk_id LEFT JOIN blobs b ON b.id = c.blob_id
-         WHERE x.chunk_id IS NOT NULL AND s.kind IN ('file', 'damaged', 'dir')
-           AND (b.id IS NULL OR typeof(c.blob_id) != 'text')",
+         LEFT JOIN chunks c ON c.id = x.chunk LEFT JOIN blobs b ON b.id = c.blob
+         WHERE x.chunk IS NOT NULL AND s.kind IN ('file', 'damaged', 'dir')
+           AND (b.id IS NULL OR typeof(c.hash) != 'blob' OR length(c.hash) != 32)",
     )?;
     let mut rows = q.query([])?;
     while let Some(r) = rows.next()? {
@@ -476,20 +477,21 @@ fn write_data(
     opts: &Options,
     report: &mut Report,
 ) -> Result<()> {
-    let blobs: Vec<String> = {
+    let mut blobs: Vec<i64> = {
         let mut q = meta.conn.prepare(
-            "SELECT c.blob_id FROM vaultik_sel s
-             JOIN file_chunks f ON f.node_id = s.data_node JOIN chunks c ON c.id = f.chunk_id
-             WHERE s.kind = 'file' AND typeof(c.blob_id) = 'text'
+            "SELECT c.blob FROM vaultik_sel s
+             JOIN file_chunks f ON f.node_id = s.data_node JOIN chunks c ON c.id = f.chunk
+             WHERE s.kind = 'file' AND typeof(c.blob) = 'integer'
              UNION
-             SELECT c.blob_id FROM vaultik_sel s
-             JOIN xattrs x ON x.node_id = s.node_id JOIN chunks c ON c.id = x.chunk_id
-             WHERE s.kind IN ('file', 'damaged', 'dir') AND typeof(c.blob_id) = 'text'",
+             SELECT c.blob FROM vaultik_sel s
+             JOIN xattrs x ON x.node_id = s.node_id JOIN chunks c ON c.id = x.chunk
+             WHERE s.kind IN ('file', 'damaged', 'dir') AND typeof(c.blob) = 'integer'",
         )?;
-        q.query_map([], |r| bytes(r, 0))?
-            .filter_map(|b| b.map(|b| String::from_utf8(b).ok()).transpose())
+        q.query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?
     };
+    // Taken from the end: the first blobs of the backup first, near files near.
+    blobs.reverse();
     let queue = Mutex::new(blobs);
     let damaged = Mutex::new(Vec::new());
     let warnings = Mutex::new(Vec::new());
@@ -511,7 +513,7 @@ fn write_data(
                     Err(e) => return fail(e),
                 };
                 while let Some(blob) = queue.lock().ok().and_then(|mut q| q.pop()) {
-                    match worker.restore_blob(&blob) {
+                    match worker.restore_blob(blob) {
                         Ok(bad) => {
                             if let Ok(mut d) = damaged.lock() {
                                 d.extend(bad);
