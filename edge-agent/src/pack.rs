@@ -72,6 +72,30 @@ pub struct Placement {
     pub ulen: u32,
 }
 
+impl Placement {
+    /// Appends its trailer entry ([`ENTRY_LEN`] bytes) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.chunk.0);
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.clen.to_le_bytes());
+        out.extend_from_slice(&self.ulen.to_le_bytes());
+    }
+
+    /// Reads a trailer entry; `None` unless `e` is [`ENTRY_LEN`] bytes.
+    pub fn decode(e: &[u8]) -> Option<Self> {
+        let e: &[u8; ENTRY_LEN] = e.try_into().ok()?;
+        let (chunk, rest) = e.split_first_chunk::<32>()?;
+        let (offset, rest) = rest.split_first_chunk::<8>()?;
+        let (clen, ulen) = rest.split_first_chunk::<4>()?;
+        Some(Placement {
+            chunk: ChunkId(*chunk),
+            offset: u64::from_le_bytes(*offset),
+            clen: u32::from_le_bytes(*clen),
+            ulen: u32::from_le_bytes(ulen.try_into().ok()?),
+        })
+    }
+}
+
 /// Tracks the layout of a blob being written.
 #[derive(Debug, Default)]
 pub struct BlobLayout {
@@ -116,10 +140,7 @@ impl BlobLayout {
     pub fn trailer(&self) -> Vec<u8> {
         let mut t = Vec::with_capacity(self.entries.len() * ENTRY_LEN + 12);
         for e in &self.entries {
-            t.extend_from_slice(&e.chunk.0);
-            t.extend_from_slice(&e.offset.to_le_bytes());
-            t.extend_from_slice(&e.clen.to_le_bytes());
-            t.extend_from_slice(&e.ulen.to_le_bytes());
+            e.encode(&mut t);
         }
         t.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
         t.extend_from_slice(TRAILER_MAGIC);
@@ -161,14 +182,7 @@ pub fn parse_blob(blob: &str, plain: &[u8]) -> Result<Vec<Placement>, FormatErro
     let table = &plain[plain.len() - 12 - table_len..plain.len() - 12];
     let mut out = Vec::with_capacity(n);
     for e in table.chunks_exact(ENTRY_LEN) {
-        let mut id = [0u8; 32];
-        id.copy_from_slice(&e[..32]);
-        let p = Placement {
-            chunk: ChunkId(id),
-            offset: u64::from_le_bytes(e[32..40].try_into().map_err(|_| bad("entry"))?),
-            clen: u32::from_le_bytes(e[40..44].try_into().map_err(|_| bad("entry"))?),
-            ulen: u32::from_le_bytes(e[44..48].try_into().map_err(|_| bad("entry"))?),
-        };
+        let p = Placement::decode(e).ok_or_else(|| bad("entry"))?;
         let end = p.offset.checked_add(u64::from(p.clen));
         if p.offset < 8 || end.is_none_or(|e| e > data_end) {
             return Err(bad("trailer entry points outside the data region"));

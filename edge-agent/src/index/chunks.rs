@@ -13,6 +13,7 @@ use rusqlite::{OptionalExtension, params};
 use super::{BlobDone, Index, now_ns};
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
+use crate::pack::{ENTRY_LEN, Placement};
 
 /// How far a run's chunk rows are ready for lookups.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -39,6 +40,9 @@ impl Index {
                 self.conn.execute_batch(
                     "PRAGMA ids.journal_mode = OFF; PRAGMA ids.synchronous = OFF;
                      CREATE TABLE ids.known (hash BLOB PRIMARY KEY, chunk INTEGER NOT NULL)
+                         WITHOUT ROWID;
+                     CREATE TABLE ids.salvage (hash BLOB PRIMARY KEY, blob TEXT NOT NULL,
+                         offset INTEGER NOT NULL, clen INTEGER NOT NULL, ulen INTEGER NOT NULL)
                          WITHOUT ROWID;",
                 )
             })
@@ -93,7 +97,47 @@ impl Index {
             })
             .map_err(self.e())?;
         self.next_row.set(last.saturating_add(1));
+        if self.dedup_salvage {
+            self.list_salvage()?;
+        }
         self.ready.set(Ready::Known);
+        Ok(())
+    }
+
+    /// Fills `ids.salvage` with the chunks of young blobs of interrupted runs.
+    fn list_salvage(&self) -> Result<()> {
+        let mut blobs = self
+            .conn
+            .prepare("SELECT blob_id, entries FROM main.partial_entries")
+            .map_err(self.e())?;
+        let mut rows = blobs.query([]).map_err(self.e())?;
+        let mut add = self
+            .conn
+            .prepare(
+                "INSERT OR IGNORE INTO ids.salvage (hash, blob, offset, clen, ulen)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(self.e())?;
+        while let Some(r) = rows.next().map_err(self.e())? {
+            let blob: String = r.get(0).map_err(self.e())?;
+            let entries: Vec<u8> = r.get(1).map_err(self.e())?;
+            let mut entries: Vec<Placement> = entries
+                .chunks_exact(ENTRY_LEN)
+                .filter_map(Placement::decode)
+                .collect();
+            // In id order, each page of the table is written once per part.
+            entries.sort_unstable_by_key(|p| p.chunk.0);
+            for p in entries {
+                add.execute(params![
+                    &p.chunk.0[..],
+                    blob,
+                    p.offset as i64,
+                    p.clen,
+                    p.ulen
+                ])
+                .map_err(self.e())?;
+            }
+        }
         Ok(())
     }
 
@@ -117,7 +161,7 @@ impl Index {
     fn salvage(&self, id: &ChunkId) -> Result<Option<i64>> {
         let blob: Option<String> = self
             .conn
-            .prepare_cached("SELECT blob_id FROM main.partial_chunks WHERE id = ?1")
+            .prepare_cached("SELECT blob FROM ids.salvage WHERE hash = ?1")
             .and_then(|mut s| s.query_row([&id.0[..]], |r| r.get(0)).optional())
             .map_err(self.e())?;
         let Some(blob) = blob else {
@@ -135,9 +179,9 @@ impl Index {
         self.conn
             .prepare_cached(
                 "INSERT INTO run.chunks (id, hash, blob, offset, clen, ulen)
-                 SELECT ?2, p.id, b.id, p.offset, p.clen, p.ulen
-                 FROM main.partial_chunks p JOIN run.blobs b ON b.name = p.blob_id
-                 WHERE p.id = ?1",
+                 SELECT ?2, s.hash, b.id, s.offset, s.clen, s.ulen
+                 FROM ids.salvage s JOIN run.blobs b ON b.name = s.blob
+                 WHERE s.hash = ?1",
             )
             .and_then(|mut s| s.execute(params![&id.0[..], row]))
             .map_err(self.e())?;
@@ -237,22 +281,8 @@ impl Index {
                     now_ns()
                 ])
             })
-            .map_err(self.e())?;
-        // In id order, each page of the table is written once per blob.
-        let mut entries: Vec<_> = b.entries.iter().collect();
-        entries.sort_unstable_by_key(|p| p.chunk.0);
-        let mut s = self
-            .conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO main.partial_chunks (id, blob_id, offset, clen, ulen)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .map_err(self.e())?;
-        for p in entries {
-            s.execute(params![&p.chunk.0[..], id, p.offset as i64, p.clen, p.ulen])
-                .map_err(self.e())?;
-        }
-        Ok(())
+            .and_then(|_| put_entries(&self.conn, id, &b.entries))
+            .map_err(self.e())
     }
 
     /// Drops the rows of chunks nothing references any more (of a carried run, only
@@ -302,4 +332,26 @@ impl Index {
         }
         Ok(())
     }
+}
+
+/// Entries of `partial_entries` per row: 96 KiB, so a blob of 65,536 tiny chunks is
+/// never one 3 MiB value copied three times on its way into SQLite.
+const ENTRIES_PER_PART: usize = 2048;
+
+/// Records the chunks of partial blob `blob`.
+pub(super) fn put_entries(
+    conn: &rusqlite::Connection,
+    blob: &str,
+    entries: &[Placement],
+) -> rusqlite::Result<()> {
+    let mut s = conn.prepare_cached(
+        "INSERT OR IGNORE INTO main.partial_entries (blob_id, part, entries) VALUES (?1, ?2, ?3)",
+    )?;
+    let mut buf = Vec::with_capacity(ENTRIES_PER_PART * ENTRY_LEN);
+    for (part, group) in (0i64..).zip(entries.chunks(ENTRIES_PER_PART)) {
+        buf.clear();
+        group.iter().for_each(|p| p.encode(&mut buf));
+        s.execute(params![blob, part, buf])?;
+    }
+    Ok(())
 }

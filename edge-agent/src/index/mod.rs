@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::pack::{BlobId, Placement};
 use crate::snapshot::{AgentId, NodeKind, metadata_schema};
@@ -35,12 +36,13 @@ CREATE TABLE IF NOT EXISTS partial_blobs (
     hash BLOB NOT NULL,
     uploaded_ns INTEGER NOT NULL
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS partial_chunks (
-    id BLOB PRIMARY KEY,
+-- Their chunks, encoded as in the blob's trailer, a few thousand to a row: written in
+-- order, not a row per chunk in id order.
+CREATE TABLE IF NOT EXISTS partial_entries (
     blob_id TEXT NOT NULL,
-    offset INTEGER NOT NULL,
-    clen INTEGER NOT NULL,
-    ulen INTEGER NOT NULL
+    part INTEGER NOT NULL,
+    entries BLOB NOT NULL,
+    PRIMARY KEY (blob_id, part)
 ) WITHOUT ROWID;
 ";
 
@@ -162,7 +164,44 @@ fn open_checked(path: &Path) -> std::result::Result<Connection, rusqlite::Error>
     conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
     conn.execute_batch(INDEX_SCHEMA)?;
     drop_copied_tables(&conn)?;
+    pack_partial_chunks(&conn)?;
     Ok(conn)
+}
+
+/// Indexes made before `partial_entries` had a row per chunk in `partial_chunks`:
+/// moved, once.
+fn pack_partial_chunks(conn: &Connection) -> rusqlite::Result<()> {
+    let old: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM main.sqlite_schema WHERE name = 'partial_chunks')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !old {
+        return Ok(());
+    }
+    let tx = conn.unchecked_transaction()?;
+    let rows: Vec<(String, Vec<u8>, i64, u32, u32)> = tx
+        .prepare("SELECT blob_id, id, offset, clen, ulen FROM partial_chunks ORDER BY blob_id")?
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    for blob in rows.chunk_by(|a, b| a.0 == b.0) {
+        let entries: Vec<Placement> = blob
+            .iter()
+            .filter_map(|(_, id, offset, clen, ulen)| {
+                Some(Placement {
+                    chunk: ChunkId::from_slice(id)?,
+                    offset: u64::try_from(*offset).ok()?,
+                    clen: *clen,
+                    ulen: *ulen,
+                })
+            })
+            .collect();
+        chunks::put_entries(&tx, &blob[0].0, &entries)?;
+    }
+    tx.execute_batch("DROP TABLE partial_chunks")?;
+    tx.commit()
 }
 
 /// The salvage tables fill with every chunk of a run and empty when it commits: with
@@ -452,7 +491,7 @@ impl Index {
         let cutoff = now - SALVAGE_WINDOW_NS;
         self.conn
             .execute(
-                "DELETE FROM partial_chunks WHERE blob_id IN
+                "DELETE FROM partial_entries WHERE blob_id IN
                      (SELECT id FROM partial_blobs WHERE uploaded_ns < ?1)",
                 [cutoff],
             )
@@ -462,7 +501,7 @@ impl Index {
             })
             .map_err(self.e())?;
         self.dedup_prev = self.any("prev.chunks")?;
-        self.dedup_salvage = self.any("main.partial_chunks")?;
+        self.dedup_salvage = self.any("main.partial_entries")?;
         for suffix in ["", "-journal"] {
             let mut p = self.run_path.as_os_str().to_owned();
             p.push(suffix);
@@ -671,7 +710,7 @@ impl Index {
         self.conn
             .execute_batch(
                 "BEGIN;
-                 DELETE FROM main.partial_chunks;
+                 DELETE FROM main.partial_entries;
                  DELETE FROM main.partial_blobs;
                  DELETE FROM main.settings WHERE key = 'pending_manifest';",
             )
@@ -854,5 +893,58 @@ mod tests {
             !t.path().join("index.sqlite-ids").exists(),
             "scratch removed"
         );
+    }
+
+    #[test]
+    fn an_older_index_keeps_the_chunks_of_its_partial_blobs() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("index.sqlite");
+        let blob7 = BlobId([7; 32]).to_hex();
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE partial_blobs (id TEXT PRIMARY KEY, size INTEGER NOT NULL,
+                 plain_size INTEGER NOT NULL, payload_start INTEGER NOT NULL,
+                 hash BLOB NOT NULL, uploaded_ns INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE TABLE partial_chunks (id BLOB PRIMARY KEY, blob_id TEXT NOT NULL,
+                 offset INTEGER NOT NULL, clen INTEGER NOT NULL, ulen INTEGER NOT NULL)
+                 WITHOUT ROWID;",
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO partial_blobs VALUES (?1, 100, 90, 10, x'07', ?2)",
+            params![blob7, now_ns()],
+        )
+        .unwrap();
+        for (n, offset) in [(3u8, 8), (4, 20)] {
+            c.execute(
+                "INSERT INTO partial_chunks VALUES (?1, ?2, ?3, 12, 30)",
+                params![&[n; 32][..], blob7, offset],
+            )
+            .unwrap();
+        }
+        drop(c);
+        let mut index = Index::open(&path).unwrap();
+        index.begin_run().unwrap();
+        let row = index.chunk_ref(&ChunkId([4; 32])).unwrap().unwrap();
+        assert_eq!(index.chunk_ref(&ChunkId([5; 32])).unwrap(), None);
+        let placed: (Vec<u8>, i64, i64, String) = index
+            .conn
+            .query_row(
+                "SELECT c.hash, c.offset, c.clen, b.name FROM run.chunks c
+                 JOIN run.blobs b ON b.id = c.blob WHERE c.id = ?1",
+                [row],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(placed, (vec![4; 32], 20, 12, blob7));
+        let gone: bool = index
+            .conn
+            .query_row(
+                "SELECT NOT EXISTS (SELECT 1 FROM main.sqlite_schema WHERE name = 'partial_chunks')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(gone);
     }
 }
