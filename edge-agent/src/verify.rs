@@ -103,6 +103,26 @@ fn files_in_blob(meta: &Metadata, blob: i64) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// A blob row of a snapshot's metadata: its number, and its name, size and hash if they
+/// are valid.
+type BlobRow = (i64, Option<(String, u64, Vec<u8>)>);
+
+/// The blobs a snapshot's metadata names, read tolerantly, so that one malformed row is
+/// damage in its snapshot, not the end of the verify.
+fn blob_rows(meta: &Metadata) -> Result<Vec<BlobRow>> {
+    let mut q = meta
+        .conn
+        .prepare("SELECT id, name, size, hash FROM blobs")?;
+    let rows = q.query_map([], |r| {
+        let record = (|| {
+            let size = u64::try_from(r.get::<_, i64>(2).ok()?).ok()?;
+            Some((r.get(1).ok()?, size, r.get(3).ok()?))
+        })();
+        Ok((r.get(0)?, record))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
 /// Verifies every snapshot of the repository (needs the private key).
 pub fn verify(repo: &Repo, ids: &Identities, read: ReadData) -> Result<Report> {
     let mut report = Report::default();
@@ -154,17 +174,16 @@ pub fn verify(repo: &Repo, ids: &Identities, read: ReadData) -> Result<Report> {
                 continue;
             }
         };
-        let mut q = meta
-            .conn
-            .prepare("SELECT id, name, size, hash FROM blobs")?;
-        let blobs: Vec<(i64, String, i64, Vec<u8>)> = q
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        drop(q);
-        for (row, blob, size, hash) in blobs {
+        for (row, blob) in blob_rows(&meta)? {
+            let Some((blob, size, hash)) = blob else {
+                let key = repo.metadata_key(&id).to_string();
+                let what = format!("blob row {row} has no valid name, size or hash");
+                report.add(&key, what, &sid, files_in_blob(&meta, row)?);
+                continue;
+            };
             let problem = match stored.get(&blob) {
                 None => Some("blob is missing".to_string()),
-                Some(s) if *s != size as u64 => Some(format!("blob is {s} bytes, expected {size}")),
+                Some(s) if *s != size => Some(format!("blob is {s} bytes, expected {size}")),
                 Some(_) => None,
             };
             checked.insert(blob.clone());
@@ -178,7 +197,7 @@ pub fn verify(repo: &Repo, ids: &Identities, read: ReadData) -> Result<Report> {
                     .or_default()
                     .extend(files_in_blob(&meta, row)?);
                 to_read.entry(blob).or_insert(BlobRecord {
-                    size: size as u64,
+                    size,
                     hash,
                     snapshot: sid.clone(),
                 });

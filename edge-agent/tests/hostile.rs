@@ -273,7 +273,7 @@ fn chunk_tables_declared_otherwise_are_refused_by_name() {
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("not vaultik metadata")
-            && err.contains("\"file_chunks\" is not declared as format 4"),
+            && err.contains("its table \"file_chunks\" is not laid out as format 4"),
         "{err}"
     );
     assert!(!target.exists());
@@ -346,39 +346,66 @@ fn a_foreign_manifest_is_skipped_and_stops_prune() {
 }
 
 #[test]
-fn a_lying_index_in_the_metadata_cannot_disorder_chunk_reads() {
+fn an_index_vaultik_does_not_write_is_refused_by_name() {
     let f = Forged::new();
-    // An index whose entries run in descending order while its recorded SQL says
-    // ascending: SQLite trusts the SQL, so without a sort of its own restore would see
-    // chunks out of order. It covers every column restore reads, so the planner prefers
-    // it to the index restore builds.
+    // Partial (it indexes nothing) while its recorded SQL says it indexes every row: a
+    // query answered from it would find no file that wants a chunk.
     f.tamper(
-        "CREATE INDEX chunks_by_blob ON chunks (blob, offset DESC, hash, clen, ulen);
+        "CREATE INDEX evil ON file_chunks (chunk, offset) WHERE node_id < 0;
          PRAGMA writable_schema = ON;
-         UPDATE sqlite_schema
-             SET sql = 'CREATE INDEX chunks_by_blob ON chunks (blob, offset, hash, clen, ulen)'
-             WHERE name = 'chunks_by_blob';",
+         UPDATE sqlite_schema SET sql = 'CREATE INDEX evil ON file_chunks (chunk, offset)'
+             WHERE name = 'evil';",
+    );
+    let target = f.t.path().join("r");
+    let (code, err) = f.run(&["restore", target.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("its table \"file_chunks\" is not laid out as format 4"),
+        "{err}"
+    );
+    assert!(!target.exists());
+}
+
+#[test]
+fn lying_index_pages_are_rebuilt_so_nothing_is_skipped_or_pruned() {
+    let f = Forged::new();
+    // The unique indexes on paths and blob names point at empty pages: answered from
+    // them, restore would find no entry and prune no blob in use.
+    f.tamper(
+        "CREATE TABLE decoy_n (path BLOB NOT NULL UNIQUE);
+         CREATE TABLE decoy_b (name TEXT NOT NULL UNIQUE);
+         PRAGMA writable_schema = ON;
+         UPDATE sqlite_schema SET rootpage = (SELECT rootpage FROM sqlite_schema
+             WHERE name = 'sqlite_autoindex_decoy_n_1') WHERE name = 'sqlite_autoindex_nodes_1';
+         UPDATE sqlite_schema SET rootpage = (SELECT rootpage FROM sqlite_schema
+             WHERE name = 'sqlite_autoindex_decoy_b_1') WHERE name = 'sqlite_autoindex_blobs_1';
+         DELETE FROM sqlite_schema WHERE tbl_name IN ('decoy_n', 'decoy_b');",
     );
     let target = f.t.path().join("r");
     let (code, err) = f.run(&["restore", target.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{err}");
     assert_same_tree(&f.src, &restored(&target, &f.src));
+
+    let env = [("VAULTIK_PRIVATE_KEY", f.key.secret.as_str())];
+    let repo = local_repo(f.t.path());
+    let out = prune_to_newest(&repo, &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let again = f.t.path().join("r2");
+    let (code, err) = f.run(&["restore", again.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "prune deleted a blob in use: {err}");
+    assert_same_tree(&f.src, &restored(&again, &f.src));
 }
 
 #[test]
 fn duplicate_entries_are_refused_by_name() {
     let f = Forged::new();
-    let keep = stored(&f.src.join("keep.txt"));
-    f.tamper(&format!(
-        "CREATE TABLE n2 AS SELECT * FROM nodes; DROP TABLE nodes;
-         CREATE TABLE nodes (id INTEGER, path BLOB, kind TEXT, mode INTEGER, uid INTEGER,
-             gid INTEGER, size INTEGER, mtime_ns INTEGER, target BLOB, dev INTEGER,
-             ino INTEGER, ctime_ns INTEGER);
-         INSERT INTO nodes SELECT * FROM n2;
-         INSERT INTO nodes SELECT id + 1000, path, kind, mode, uid, gid, 0, mtime_ns, target,
-             dev, ino, ctime_ns FROM n2 WHERE path = {keep};
-         DROP TABLE n2;"
-    ));
+    // The top directory again, its path as TEXT: the unique index on paths holds both,
+    // and restore, which compares bytes, meets the TEXT one first.
+    f.tamper(
+        "INSERT INTO nodes SELECT id + 1000, CAST(path AS TEXT), kind, mode, uid, gid, size,
+             mtime_ns, target, dev, ino, ctime_ns FROM nodes
+             WHERE path = (SELECT min(path) FROM nodes);",
+    );
     let target = f.t.path().join("r");
     let (code, err) = f.run(&["restore", target.to_str().unwrap()]);
     assert_eq!(code, Some(3), "{err}");

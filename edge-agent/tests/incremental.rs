@@ -292,19 +292,7 @@ fn edited_metadata_is_stored_as_deltas_in_chains_of_at_most_eight() {
     // bases of its deltas included, stays.
     let newest = lists.last().unwrap();
     assert!(!newest["bases"].as_array().unwrap().is_empty());
-    let out = vaultik(
-        &[
-            "prune",
-            &repo,
-            "",
-            "--keep-last",
-            "1",
-            "--safety-margin",
-            "0s",
-            "--allow-short-margin",
-        ],
-        &env,
-    );
+    let out = prune_to_newest(&repo, &env);
     assert!(out.status.success(), "prune: {}", stderr(&out));
     for b in newest["blobs"].as_array().unwrap() {
         let id = b["id"].as_str().unwrap();

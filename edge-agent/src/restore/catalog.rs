@@ -332,6 +332,7 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
             .map_err(|e| Error::Damaged(format!("{what}: its chunk tables are not valid: {e}")))?;
     }
     schema::check_tables(&conn, &what)?;
+    schema::rebuild_indexes(&conn, &what)?;
     let key = meta_value(&conn, "chunk_key")?
         .and_then(|k| {
             let mut b = [0u8; 32];

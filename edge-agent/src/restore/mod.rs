@@ -327,7 +327,7 @@ fn act(
         Decision::File { data_node, size } => {
             created_size = Some(size);
             report.files += 1;
-            report.bytes += size;
+            report.bytes = report.bytes.saturating_add(size);
             ("file", Some(data_node))
         }
         Decision::Symlink => ("symlink", None),

@@ -4,13 +4,12 @@
 //! columns differently (SQLite cannot then search by key) is refused: it would turn
 //! restore's joins into scans, quadratic in the number of files.
 
+use std::collections::BTreeMap;
+
 use rusqlite::Connection;
 
 use crate::error::{Error, Result};
 use crate::snapshot::metadata_schema;
-
-/// The tables readers join on.
-const JOINED: [&str; 4] = ["xattrs", "file_chunks", "chunks", "blobs"];
 
 /// Only ordinary tables and indexes, as vaultik writes them: no views, no triggers, no
 /// virtual tables, no planner statistics. SQLite builds its schema from the `sql` text,
@@ -49,42 +48,93 @@ pub(super) fn check_objects(conn: &Connection, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// One table's shape: its columns (name, declared type, place in the primary key) and
-/// whether it has rowids.
-type Shape = (Vec<(String, String, i64)>, bool);
+type Rows = Vec<Vec<rusqlite::types::Value>>;
 
-fn shape(conn: &Connection, table: &str) -> rusqlite::Result<Shape> {
-    let columns = conn
-        .prepare("SELECT name, upper(type), pk FROM pragma_table_info(?1) ORDER BY cid")?
-        .query_map([table], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    let rowid = conn
-        .query_row(
-            "SELECT NOT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1",
-            [table],
-            |r| r.get(0),
-        )
-        .unwrap_or(true);
-    Ok((columns, rowid))
+fn rows(conn: &Connection, sql: &str, arg: &str) -> rusqlite::Result<Rows> {
+    let mut q = conn.prepare(sql)?;
+    let n = q.column_count();
+    q.query_map([arg], |r| (0..n).map(|i| r.get(i)).collect())?
+        .collect()
 }
 
-/// The joined tables must be declared as format 4 declares them.
+/// How SQLite sees each table, which is what it plans queries with: its columns (name,
+/// declared type, NOT NULL, place in the primary key), whether it has rowids, and its
+/// indexes (name, uniqueness, origin, and each column's name, order and collation).
+fn layout(conn: &Connection) -> rusqlite::Result<BTreeMap<String, String>> {
+    let tables = conn
+        .prepare(
+            "SELECT name FROM sqlite_schema WHERE type = 'table'
+             AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'",
+        )?
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut out = BTreeMap::new();
+    for table in tables {
+        let columns = rows(
+            conn,
+            "SELECT name, upper(type), \"notnull\", pk FROM pragma_table_info(?1) ORDER BY cid",
+            &table,
+        )?;
+        let rowid = rows(
+            conn,
+            "SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1",
+            &table,
+        )?;
+        let mut indexes = Vec::new();
+        let list = rows(
+            conn,
+            "SELECT name, \"unique\", origin, partial FROM pragma_index_list(?1) ORDER BY name",
+            &table,
+        )?;
+        for index in list {
+            let name = match index.first() {
+                Some(rusqlite::types::Value::Text(n)) => n.clone(),
+                _ => String::new(),
+            };
+            let sql = "SELECT seqno, name, \"desc\", coll, key FROM pragma_index_xinfo(?1)
+                       ORDER BY seqno";
+            indexes.push((index, rows(conn, sql, &name)?));
+        }
+        out.insert(table, format!("{columns:?} {rowid:?} {indexes:?}"));
+    }
+    Ok(out)
+}
+
+/// Every table must be laid out as format 4 lays it out, and there may be no other.
+/// Run after [`check_objects`], so that nothing but tables and indexes remain.
 pub(super) fn check_tables(conn: &Connection, what: &str) -> Result<()> {
     let reference = Connection::open_in_memory()?;
     reference.execute_batch(&metadata_schema())?;
-    for table in JOINED {
-        if shape(conn, table)? != shape(&reference, table)? {
-            return Err(Error::Damaged(format!(
-                "{what} is not vaultik metadata: its table {table:?} is not declared as format 4 declares it"
-            )));
-        }
+    let (want, got) = (layout(&reference)?, layout(conn)?);
+    let odd = want
+        .keys()
+        .chain(got.keys())
+        .find(|t| want.get(*t) != got.get(*t));
+    if let Some(table) = odd {
+        let why = match (want.contains_key(table), got.contains_key(table)) {
+            (true, true) => "is not laid out as format 4 lays it out (its columns, key or indexes)",
+            (true, false) => "is missing",
+            _ => "is not one of format 4's",
+        };
+        return Err(Error::Damaged(format!(
+            "{what} is not vaultik metadata: its table {table:?} {why}"
+        )));
     }
     Ok(())
 }
 
+/// Rebuilds every index from the rows. The file's own index pages may hold anything,
+/// whatever their SQL says: a query answered from one could skip rows (a file not
+/// restored, a blob prune thinks unused) or name rows that are not there.
+pub(super) fn rebuild_indexes(conn: &Connection, what: &str) -> Result<()> {
+    conn.execute_batch("REINDEX")
+        .map_err(|e| Error::Damaged(format!("{what}: its indexes cannot be rebuilt: {e}")))
+}
+
 /// Rewrites the chunk tables of format 1, 2 or 3 (chunks and blobs by id) into format 4's
 /// (by row number). A reference that names nothing becomes row 0, which no row has: the
-/// files that use it are then reported damaged by the checks every reader makes.
+/// files that use it are then reported damaged by the checks every reader makes. Each id
+/// keeps its first row only, so every join below matches at most one row.
 pub(super) fn number_chunks(conn: &Connection, format: u32) -> rusqlite::Result<()> {
     if format < 2 {
         // Format 1 kept extended attribute values inline and has no chunk column.
@@ -99,10 +149,10 @@ pub(super) fn number_chunks(conn: &Connection, format: u32) -> rusqlite::Result<
          {schema}
          INSERT OR IGNORE INTO blobs (name, size, plain_size, payload_start, hash)
              SELECT id, size, plain_size, payload_start, hash FROM old_blobs;
+         CREATE UNIQUE INDEX chunks_by_hash ON chunks (hash);
          INSERT OR IGNORE INTO chunks (hash, blob, offset, clen, ulen)
              SELECT c.id, coalesce(b.id, 0), c.offset, c.clen, c.ulen
              FROM old_chunks c LEFT JOIN blobs b ON b.name = c.blob_id;
-         CREATE INDEX chunks_by_hash ON chunks (hash);
          INSERT OR IGNORE INTO file_chunks (node_id, seq, offset, chunk)
              SELECT f.node_id, f.seq, f.offset, coalesce(c.id, 0)
              FROM old_file_chunks f LEFT JOIN chunks c ON c.hash = f.chunk_id;
@@ -119,14 +169,10 @@ pub(super) fn number_chunks(conn: &Connection, format: u32) -> rusqlite::Result<
 }
 
 /// The indexes readers need beyond the keys: which files use a chunk, and a blob's
-/// chunks in order. Built here from the rows themselves; an index of the same name the
-/// database brought may index anything, and is dropped first.
+/// chunks in order.
 pub(super) fn add_reader_indexes(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
-        "DROP INDEX IF EXISTS fc_chunk;
-         DROP INDEX IF EXISTS xattrs_chunk;
-         DROP INDEX IF EXISTS chunks_blob;
-         CREATE INDEX fc_chunk ON file_chunks (chunk);
+        "CREATE INDEX fc_chunk ON file_chunks (chunk);
          CREATE INDEX xattrs_chunk ON xattrs (chunk);
          CREATE INDEX chunks_blob ON chunks (blob, offset);",
     )
@@ -134,16 +180,13 @@ pub(super) fn add_reader_indexes(conn: &Connection) -> rusqlite::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use rusqlite::types::Value::{Blob as B, Integer as I, Null, Text as T};
+
     use super::*;
+    use crate::snapshot::NODE_SCHEMA;
 
     /// Format 3's chunk tables, as vaultik wrote them.
-    const FORMAT_3: &str = "
-        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-        CREATE TABLE nodes (id INTEGER PRIMARY KEY, path BLOB NOT NULL UNIQUE, kind TEXT,
-            mode INTEGER, uid INTEGER, gid INTEGER, size INTEGER, mtime_ns INTEGER,
-            target BLOB, dev INTEGER, ino INTEGER, ctime_ns INTEGER);
-        CREATE TABLE xattrs (node_id INTEGER NOT NULL, name BLOB NOT NULL, value BLOB,
-            chunk_id BLOB, PRIMARY KEY (node_id, name)) WITHOUT ROWID;
+    const FORMAT_3_CHUNKS: &str = "
         CREATE TABLE file_chunks (node_id INTEGER NOT NULL, seq INTEGER NOT NULL,
             offset INTEGER NOT NULL, chunk_id BLOB NOT NULL, PRIMARY KEY (node_id, seq))
             WITHOUT ROWID;
@@ -154,7 +197,22 @@ mod tests {
             plain_size INTEGER NOT NULL, payload_start INTEGER NOT NULL, hash BLOB NOT NULL)
             WITHOUT ROWID;";
 
-    fn rows(c: &Connection, sql: &str) -> Vec<Vec<rusqlite::types::Value>> {
+    /// A database of format `n` (1 or 3), with two files.
+    fn old_format(n: u32) -> Connection {
+        let chunk = if n < 2 { "" } else { "chunk_id BLOB," };
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(&NODE_SCHEMA.replace("chunk INTEGER,", chunk))
+            .unwrap();
+        c.execute_batch(FORMAT_3_CHUNKS).unwrap();
+        c.execute_batch(
+            "INSERT INTO nodes VALUES (1, 'f', 'file', 420, 0, 0, 3, 0, NULL, 1, 1, 0),
+                 (2, 'g', 'file', 420, 0, 0, 1, 0, NULL, 1, 2, 0);",
+        )
+        .unwrap();
+        c
+    }
+
+    fn rows(c: &Connection, sql: &str) -> Rows {
         let mut q = c.prepare(sql).unwrap();
         let n = q.column_count();
         q.query_map([], |r| (0..n).map(|i| r.get(i)).collect())
@@ -165,11 +223,9 @@ mod tests {
 
     #[test]
     fn format_3_is_numbered_and_dangling_references_name_no_row() {
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(FORMAT_3).unwrap();
+        let c = old_format(3);
         c.execute_batch(
-            "INSERT INTO nodes (id, path) VALUES (1, 'f'), (2, 'g');
-             INSERT INTO blobs VALUES ('b1', 10, 9, 1, x'00'), ('b2', 20, 19, 1, x'01');
+            "INSERT INTO blobs VALUES ('b1', 10, 9, 1, x'00'), ('b2', 20, 19, 1, x'01');
              INSERT INTO chunks VALUES (x'aa', 'b2', 8, 3, 3), (x'bb', 'gone', 0, 1, 1);
              INSERT INTO file_chunks VALUES (1, 0, 0, x'aa'), (1, 1, 3, x'cc'), (2, 0, 0, x'bb');
              INSERT INTO xattrs VALUES (1, 'user.a', NULL, x'aa'), (1, 'user.b', NULL, x'dd'),
@@ -184,7 +240,6 @@ mod tests {
              LEFT JOIN chunks c ON c.id = f.chunk LEFT JOIN blobs b ON b.id = c.blob
              ORDER BY f.node_id, f.seq",
         );
-        use rusqlite::types::Value::{Blob as B, Integer as I, Null, Text as T};
         assert_eq!(
             got,
             [
@@ -205,51 +260,110 @@ mod tests {
 
     #[test]
     fn format_1_values_stay_inline() {
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(&FORMAT_3.replace("chunk_id BLOB, PRIMARY", "PRIMARY"))
-            .unwrap();
+        let c = old_format(1);
         c.execute_batch("INSERT INTO xattrs VALUES (1, 'user.a', 'v');")
             .unwrap();
         number_chunks(&c, 1).unwrap();
+        check_tables(&c, "m").unwrap();
         let got = rows(&c, "SELECT value, chunk FROM xattrs");
-        use rusqlite::types::Value::{Null, Text};
-        assert_eq!(got, [vec![Text("v".into()), Null]]);
+        assert_eq!(got, [vec![T("v".into()), Null]]);
     }
 
     #[test]
-    fn joins_search_keys_and_other_declarations_are_refused() {
+    fn an_old_id_listed_many_times_keeps_one_row() {
+        // Without a key on the old ids, each reference would match every copy.
+        let c = old_format(3);
+        c.execute_batch(
+            "DROP TABLE chunks;
+             CREATE TABLE chunks (id BLOB, blob_id TEXT, offset INTEGER, clen INTEGER, ulen INTEGER);
+             INSERT INTO blobs VALUES ('b1', 10, 9, 1, x'00');
+             INSERT INTO chunks VALUES (x'aa', 'b1', 8, 1, 1), (x'aa', 'b1', 9, 1, 1),
+                 (x'aa', 'b1', 10, 1, 1);
+             INSERT INTO file_chunks VALUES (1, 0, 0, x'aa'), (1, 1, 1, x'aa'), (1, 2, 2, x'aa');",
+        )
+        .unwrap();
+        number_chunks(&c, 3).unwrap();
+        let got = rows(
+            &c,
+            "SELECT (SELECT count(*) FROM chunks), count(*) FROM file_chunks f
+             JOIN chunks c ON c.id = f.chunk",
+        );
+        assert_eq!(got, [vec![I(1), I(3)]]);
+    }
+
+    #[test]
+    fn joins_search_keys() {
         let c = Connection::open_in_memory().unwrap();
         c.execute_batch(&metadata_schema()).unwrap();
         check_tables(&c, "m").unwrap();
         add_reader_indexes(&c).unwrap();
-        let plan: Vec<String> = c
-            .prepare(
-                "EXPLAIN QUERY PLAN SELECT * FROM nodes n
-                 LEFT JOIN file_chunks f ON f.node_id = n.id LEFT JOIN chunks c ON c.id = f.chunk
-                 LEFT JOIN blobs b ON b.id = c.blob",
-            )
-            .unwrap()
-            .query_map([], |r| r.get(3))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
+        let plan: Vec<String> = rows(
+            &c,
+            "EXPLAIN QUERY PLAN SELECT * FROM nodes n
+             LEFT JOIN file_chunks f ON f.node_id = n.id LEFT JOIN chunks c ON c.id = f.chunk
+             LEFT JOIN blobs b ON b.id = c.blob",
+        )
+        .into_iter()
+        .map(|r| format!("{:?}", r[3]))
+        .collect();
         assert!(
             plan.iter()
-                .any(|p| p.starts_with("SEARCH f USING PRIMARY KEY")),
+                .any(|p| p.contains("SEARCH f USING PRIMARY KEY")),
             "{plan:?}"
         );
-        // Untyped columns: an integer cannot be searched for through their key.
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(&metadata_schema().replace("node_id INTEGER NOT NULL", "node_id"))
-            .unwrap();
-        let e = check_tables(&c, "m").unwrap_err().to_string();
-        assert!(e.contains("\"xattrs\" is not declared as format 4"), "{e}");
-        // A rowid table where format 4 has none.
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(&metadata_schema().replacen(") WITHOUT ROWID;", ");", 2))
-            .unwrap();
-        let e = check_tables(&c, "m").unwrap_err().to_string();
-        assert!(e.contains("is not declared as format 4"), "{e}");
+    }
+
+    #[test]
+    fn tables_laid_out_otherwise_are_refused_by_name() {
+        let schema = metadata_schema();
+        let cases = [
+            // Untyped: an integer cannot be searched for through the key.
+            (
+                schema.replace("node_id INTEGER NOT NULL", "node_id"),
+                "\"file_chunks\" is not laid",
+            ),
+            // Rowids where format 4 has none.
+            (
+                schema.replacen(") WITHOUT ROWID;", ");", 1),
+                "\"xattrs\" is not laid",
+            ),
+            // Not the rowid: an id that may be NULL or TEXT.
+            (
+                schema.replace(
+                    "id INTEGER PRIMARY KEY,\n    hash",
+                    "id INTEGER PRIMARY KEY DESC,\n    hash",
+                ),
+                "\"chunks\" is not laid",
+            ),
+            // Names not unique: a lookup by name scans.
+            (
+                schema.replace("name TEXT NOT NULL UNIQUE", "name TEXT NOT NULL"),
+                "\"blobs\" is not laid",
+            ),
+            (
+                schema.replace("path BLOB NOT NULL UNIQUE", "path BLOB NOT NULL"),
+                "\"nodes\" is not laid",
+            ),
+            (
+                format!("{schema} CREATE INDEX i ON chunks (hash);"),
+                "\"chunks\" is not laid",
+            ),
+            (
+                format!("{schema} CREATE TABLE extra (x);"),
+                "\"extra\" is not one of format 4's",
+            ),
+            (
+                schema.replace("CREATE TABLE IF NOT EXISTS meta", "CREATE TABLE other"),
+                "\"meta\" is missing",
+            ),
+        ];
+        for (sql, why) in cases {
+            assert_ne!(sql, schema);
+            let c = Connection::open_in_memory().unwrap();
+            c.execute_batch(&sql).unwrap();
+            let e = check_tables(&c, "m").unwrap_err().to_string();
+            assert!(e.contains(why), "{why}: {e}");
+        }
     }
 
     #[test]

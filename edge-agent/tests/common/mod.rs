@@ -279,6 +279,14 @@ pub fn local_repo(dir: &Path) -> String {
     format!("file://{}/repo", dir.display())
 }
 
+/// `vaultik prune` of repository `repo` (prefix "") down to its newest snapshot, with
+/// no safety margin.
+pub fn prune_to_newest(repo: &str, env: &[(&str, &str)]) -> Output {
+    let margin = ["--safety-margin", "0s", "--allow-short-margin"];
+    let args = [&["prune", repo, "", "--keep-last", "1"][..], &margin].concat();
+    vaultik(&args, env)
+}
+
 pub fn vaultik(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vaultik"));
     c.args(args).env_remove("VAULTIK_PRIVATE_KEY");
