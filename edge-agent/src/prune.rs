@@ -420,7 +420,11 @@ pub fn plan(repo: &Repo, ids: &Identities, opts: &Options) -> Result<Plan> {
         // would otherwise look unreferenced.
         let meta = crate::restore::open_metadata(repo, ids, m.clone())?;
         let mut q = meta.conn.prepare("SELECT name FROM blobs")?;
-        for id in q.query_map([], |r| r.get::<_, String>(0))? {
+        // A name stored as BLOB is read as restore reads it.
+        let names = q.query_map([], |r| {
+            Ok(String::from_utf8_lossy(r.get_ref(0)?.as_bytes().unwrap_or_default()).into_owned())
+        })?;
+        for id in names {
             // Compared in canonical form, so case cannot make a used blob look unused.
             let id = id?;
             referenced.insert(BlobId::parse(&id).map_or(id, |b| b.to_hex()));

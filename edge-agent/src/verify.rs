@@ -95,12 +95,11 @@ fn files_in_blob(meta: &Metadata, blob: i64) -> Result<Vec<String>> {
         "SELECT DISTINCT n.path FROM nodes n JOIN file_chunks f ON f.node_id = n.id
          JOIN chunks c ON c.id = f.chunk WHERE c.blob = ?1 ORDER BY n.path",
     )?;
-    let rows = q.query_map([blob], |r| r.get::<_, Vec<u8>>(0))?;
-    let mut out = Vec::new();
-    for r in rows {
-        out.push(String::from_utf8_lossy(&r?).into_owned());
-    }
-    Ok(out)
+    // A path may be TEXT or BLOB (restore takes both) or, hostile, anything.
+    let rows = q.query_map([blob], |r| {
+        Ok(String::from_utf8_lossy(r.get_ref(0)?.as_bytes().unwrap_or_default()).into_owned())
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 /// A blob row of a snapshot's metadata: its number, and its name, size and hash if they

@@ -359,27 +359,34 @@ fn an_index_vaultik_does_not_write_is_refused_by_name() {
     let target = f.t.path().join("r");
     let (code, err) = f.run(&["restore", target.to_str().unwrap()]);
     assert_eq!(code, Some(1), "{err}");
-    assert!(
-        err.contains("its table \"file_chunks\" is not laid out as format 4"),
-        "{err}"
-    );
+    assert!(err.contains("is damaged") && err.contains("evil"), "{err}");
     assert!(!target.exists());
 }
 
 #[test]
 fn lying_index_pages_are_rebuilt_so_nothing_is_skipped_or_pruned() {
     let f = Forged::new();
-    // The unique indexes on paths and blob names point at empty pages: answered from
-    // them, restore would find no entry and prune no blob in use.
+    // Indexes whose pages hold another index's entries (as many as their table has
+    // rows, so that SQLite's checks pass): paths read through the one on (dev, ino),
+    // blob names through the one on meta's keys. Answered from them, restore would find
+    // no entry and prune no blob in use.
     f.tamper(
-        "CREATE TABLE decoy_n (path BLOB NOT NULL UNIQUE);
-         CREATE TABLE decoy_b (name TEXT NOT NULL UNIQUE);
+        "CREATE TEMP TABLE k AS SELECT (SELECT count(*) FROM meta) - (SELECT count(*) FROM blobs) AS d;
+         INSERT INTO blobs (name, size, plain_size, payload_start, hash)
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < (SELECT d FROM k))
+             SELECT 'pad' || i, 0, 0, 0, x'' FROM n WHERE (SELECT d FROM k) > 0;
+         INSERT INTO meta (key, value)
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < -(SELECT d FROM k))
+             SELECT 'pad' || i, '' FROM n WHERE (SELECT d FROM k) < 0;
+         CREATE TEMP TABLE r AS SELECT name, rootpage FROM sqlite_schema;
          PRAGMA writable_schema = ON;
-         UPDATE sqlite_schema SET rootpage = (SELECT rootpage FROM sqlite_schema
-             WHERE name = 'sqlite_autoindex_decoy_n_1') WHERE name = 'sqlite_autoindex_nodes_1';
-         UPDATE sqlite_schema SET rootpage = (SELECT rootpage FROM sqlite_schema
-             WHERE name = 'sqlite_autoindex_decoy_b_1') WHERE name = 'sqlite_autoindex_blobs_1';
-         DELETE FROM sqlite_schema WHERE tbl_name IN ('decoy_n', 'decoy_b');",
+         UPDATE sqlite_schema SET rootpage = CASE name
+                 WHEN 'sqlite_autoindex_nodes_1' THEN (SELECT rootpage FROM r WHERE name = 'nodes_inode')
+                 WHEN 'nodes_inode' THEN (SELECT rootpage FROM r WHERE name = 'sqlite_autoindex_nodes_1')
+                 WHEN 'sqlite_autoindex_blobs_1' THEN (SELECT rootpage FROM r WHERE name = 'sqlite_autoindex_meta_1')
+                 ELSE (SELECT rootpage FROM r WHERE name = 'sqlite_autoindex_blobs_1') END
+             WHERE name IN ('sqlite_autoindex_nodes_1', 'nodes_inode',
+                 'sqlite_autoindex_blobs_1', 'sqlite_autoindex_meta_1');",
     );
     let target = f.t.path().join("r");
     let (code, err) = f.run(&["restore", target.to_str().unwrap()]);
@@ -394,6 +401,34 @@ fn lying_index_pages_are_rebuilt_so_nothing_is_skipped_or_pruned() {
     let (code, err) = f.run(&["restore", again.to_str().unwrap()]);
     assert_eq!(code, Some(0), "prune deleted a blob in use: {err}");
     assert_same_tree(&f.src, &restored(&again, &f.src));
+}
+
+#[test]
+fn index_pages_shared_with_another_tree_are_refused_by_name() {
+    let f = Forged::new();
+    // Rebuilt, the index on (dev, ino) would overwrite the one on blob names in the
+    // pages they share: prune would then find no blob in use.
+    f.tamper(
+        "PRAGMA writable_schema = ON;
+         UPDATE sqlite_schema SET rootpage = (SELECT rootpage FROM sqlite_schema
+             WHERE name = 'sqlite_autoindex_blobs_1') WHERE name = 'nodes_inode';",
+    );
+    let target = f.t.path().join("r");
+    let (code, err) = f.run(&["restore", target.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("is damaged"), "{err}");
+    assert!(!target.exists());
+
+    let blobs = || {
+        let dirs = std::fs::read_dir(f.t.path().join("repo/blobs")).unwrap();
+        dirs.map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count())
+            .sum::<usize>()
+    };
+    let before = blobs();
+    let env = [("VAULTIK_PRIVATE_KEY", f.key.secret.as_str())];
+    let out = prune_to_newest(&local_repo(f.t.path()), &env);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(blobs(), before, "prune deleted blobs");
 }
 
 #[test]

@@ -176,7 +176,8 @@ impl Index {
             .and_then(|mut s| s.execute([&blob]))
             .map_err(self.e())?;
         let row = self.take_row();
-        self.conn
+        let placed = self
+            .conn
             .prepare_cached(
                 "INSERT INTO run.chunks (id, hash, blob, offset, clen, ulen)
                  SELECT ?2, s.hash, b.id, s.offset, s.clen, s.ulen
@@ -185,6 +186,10 @@ impl Index {
             )
             .and_then(|mut s| s.execute(params![&id.0[..], row]))
             .map_err(self.e())?;
+        if placed == 0 {
+            // Its blob has no row (an older agent dropped it): stored again instead.
+            return Ok(None);
+        }
         self.learn(id, row)?;
         Ok(Some(row))
     }

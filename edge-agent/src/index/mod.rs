@@ -491,8 +491,8 @@ impl Index {
         let cutoff = now - SALVAGE_WINDOW_NS;
         self.conn
             .execute(
-                "DELETE FROM partial_entries WHERE blob_id IN
-                     (SELECT id FROM partial_blobs WHERE uploaded_ns < ?1)",
+                "DELETE FROM partial_entries WHERE blob_id NOT IN
+                     (SELECT id FROM partial_blobs WHERE uploaded_ns >= ?1)",
                 [cutoff],
             )
             .and_then(|_| {
@@ -946,5 +946,18 @@ mod tests {
             )
             .unwrap();
         assert!(gone);
+    }
+
+    #[test]
+    fn entries_whose_blob_row_is_gone_are_dropped_not_salvaged() {
+        // An older agent drops partial blobs it finds stale, but knows nothing of
+        // their entries.
+        let t = tempfile::tempdir().unwrap();
+        let mut index = Index::open(&t.path().join("index.sqlite")).unwrap();
+        let orphan = blob(9, &[ChunkId([9; 32])]);
+        chunks::put_entries(&index.conn, &orphan.id.to_hex(), &orphan.entries).unwrap();
+        index.begin_run().unwrap();
+        assert_eq!(index.chunk_ref(&ChunkId([9; 32])).unwrap(), None);
+        assert!(!index.any("main.partial_entries").unwrap());
     }
 }

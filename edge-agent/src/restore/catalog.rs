@@ -6,8 +6,8 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
-use rusqlite::Connection;
 use rusqlite::config::DbConfig;
+use rusqlite::{Connection, OptionalExtension};
 
 use super::schema;
 use crate::chunk::ChunkHasher;
@@ -315,11 +315,36 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
     };
     let conn = Connection::open(file.path())?;
     harden(&conn)?;
+    // Any SQLite error from here on is about this snapshot's database: named as such.
+    let key = make_ready(&conn, &what, pieces.as_ref()).map_err(|e| match e {
+        Error::Metadata(e) => Error::Damaged(format!("{what}: {e}")),
+        e => e,
+    })?;
+    Ok(Metadata {
+        manifest,
+        file,
+        conn,
+        hasher: ChunkHasher::new(key),
+    })
+}
+
+/// Checks the downloaded database and readies it for queries (`schema`); returns its
+/// chunk key.
+fn make_ready(conn: &Connection, what: &str, pieces: Option<&Checked>) -> Result<[u8; 32]> {
     // A private, disposable copy: durability would only cost fsyncs.
     conn.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")
         .map_err(|e| Error::Damaged(format!("{what} is not a database: {e}")))?;
-    schema::check_objects(&conn, &what)?;
-    let format: u32 = meta_value(&conn, "format")?
+    schema::check_objects(conn, what)?;
+    schema::check_pages(conn, what)?;
+    // Read before the indexes are rebuilt: from the table itself.
+    let format: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta NOT INDEXED WHERE key = 'format'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let format: u32 = format
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| Error::Damaged(format!("{what}: no format version")))?;
     if format > METADATA_FORMAT {
@@ -328,27 +353,23 @@ pub fn open_metadata(repo: &Repo, ids: &Identities, manifest: Manifest) -> Resul
         )));
     }
     if format < 4 {
-        schema::number_chunks(&conn, format)
+        schema::number_chunks(conn, format)
             .map_err(|e| Error::Damaged(format!("{what}: its chunk tables are not valid: {e}")))?;
     }
-    schema::check_tables(&conn, &what)?;
-    schema::rebuild_indexes(&conn, &what)?;
-    let key = meta_value(&conn, "chunk_key")?
+    schema::check_tables(conn, what)?;
+    schema::normalize_references(conn)?;
+    schema::rebuild_indexes(conn, what)?;
+    let key = meta_value(conn, "chunk_key")?
         .and_then(|k| {
             let mut b = [0u8; 32];
             hex::decode_to_slice(k, &mut b).ok().map(|_| b)
         })
         .ok_or_else(|| Error::Damaged(format!("{what}: no chunk key")))?;
-    if let Some(list) = &pieces {
-        list_pieces(&conn, list)?;
+    if let Some(list) = pieces {
+        list_pieces(conn, list)?;
     }
-    schema::add_reader_indexes(&conn)?;
-    Ok(Metadata {
-        manifest,
-        file,
-        conn,
-        hasher: ChunkHasher::new(key),
-    })
+    schema::add_reader_indexes(conn)?;
+    Ok(key)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! columns differently (SQLite cannot then search by key) is refused: it would turn
 //! restore's joins into scans, quadratic in the number of files.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use rusqlite::Connection;
 
@@ -57,19 +57,24 @@ fn rows(conn: &Connection, sql: &str, arg: &str) -> rusqlite::Result<Rows> {
         .collect()
 }
 
-/// How SQLite sees each table, which is what it plans queries with: its columns (name,
-/// declared type, NOT NULL, place in the primary key), whether it has rowids, and its
-/// indexes (name, uniqueness, origin, and each column's name, order and collation).
-fn layout(conn: &Connection) -> rusqlite::Result<BTreeMap<String, String>> {
-    let tables = conn
-        .prepare(
-            "SELECT name FROM sqlite_schema WHERE type = 'table'
-             AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'",
-        )?
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+fn tables(conn: &Connection) -> rusqlite::Result<BTreeSet<String>> {
+    conn.prepare(
+        "SELECT name FROM sqlite_schema WHERE type = 'table'
+         AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'",
+    )?
+    .query_map([], |r| r.get::<_, String>(0))?
+    .collect()
+}
+
+/// How SQLite sees each of `tables`, which is what it plans queries with: its columns
+/// (name, declared type, NOT NULL, place in the primary key), whether it has rowids, and
+/// its indexes (name, uniqueness, origin, and each column's name, order and collation).
+fn layout(
+    conn: &Connection,
+    tables: &BTreeSet<String>,
+) -> rusqlite::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
-    for table in tables {
+    for table in tables.iter().cloned() {
         let columns = rows(
             conn,
             "SELECT name, upper(type), \"notnull\", pk FROM pragma_table_info(?1) ORDER BY cid",
@@ -105,7 +110,15 @@ fn layout(conn: &Connection) -> rusqlite::Result<BTreeMap<String, String>> {
 pub(super) fn check_tables(conn: &Connection, what: &str) -> Result<()> {
     let reference = Connection::open_in_memory()?;
     reference.execute_batch(&metadata_schema())?;
-    let (want, got) = (layout(&reference)?, layout(conn)?);
+    let names = tables(&reference)?;
+    // Names first: the layout of thousands of tables would itself take long.
+    let got_names = tables(conn)?;
+    let (want, got) = if got_names == names {
+        (layout(&reference, &names)?, layout(conn, &names)?)
+    } else {
+        let only = |n: &BTreeSet<String>| n.iter().map(|t| (t.clone(), String::new())).collect();
+        (only(&names), only(&got_names))
+    };
     let odd = want
         .keys()
         .chain(got.keys())
@@ -149,23 +162,59 @@ pub(super) fn number_chunks(conn: &Connection, format: u32) -> rusqlite::Result<
          {schema}
          INSERT OR IGNORE INTO blobs (name, size, plain_size, payload_start, hash)
              SELECT id, size, plain_size, payload_start, hash FROM old_blobs;
-         CREATE UNIQUE INDEX chunks_by_hash ON chunks (hash);
-         INSERT OR IGNORE INTO chunks (hash, blob, offset, clen, ulen)
-             SELECT c.id, coalesce(b.id, 0), c.offset, c.clen, c.ulen
-             FROM old_chunks c LEFT JOIN blobs b ON b.name = c.blob_id;
-         INSERT OR IGNORE INTO file_chunks (node_id, seq, offset, chunk)
-             SELECT f.node_id, f.seq, f.offset, coalesce(c.id, 0)
-             FROM old_file_chunks f LEFT JOIN chunks c ON c.hash = f.chunk_id;
-         INSERT OR IGNORE INTO xattrs (node_id, name, value, chunk)
-             SELECT x.node_id, x.name, x.value,
-                 CASE WHEN x.chunk_id IS NOT NULL THEN coalesce(c.id, 0) END
-             FROM old_xattrs x LEFT JOIN chunks c ON c.hash = x.chunk_id;
-         DROP INDEX chunks_by_hash;
+         CREATE UNIQUE INDEX chunks_by_hash ON chunks (hash);"
+    ))?;
+    for step in NUMBERING {
+        conn.execute_batch(step)?;
+    }
+    conn.execute_batch(
+        "DROP INDEX chunks_by_hash;
          DROP TABLE old_xattrs;
          DROP TABLE old_file_chunks;
          DROP TABLE old_chunks;
-         DROP TABLE old_blobs;"
-    ))
+         DROP TABLE old_blobs;",
+    )
+}
+
+/// The joins of [`number_chunks`]. The old side is cast to the type of the new key, so
+/// that whatever the old table declares, each row is one search of that key.
+const NUMBERING: [&str; 3] = [
+    "INSERT OR IGNORE INTO chunks (hash, blob, offset, clen, ulen)
+         SELECT c.id, coalesce(b.id, 0), c.offset, c.clen, c.ulen
+         FROM old_chunks c LEFT JOIN blobs b ON b.name = CAST(c.blob_id AS TEXT)",
+    "INSERT OR IGNORE INTO file_chunks (node_id, seq, offset, chunk)
+         SELECT f.node_id, f.seq, f.offset, coalesce(c.id, 0)
+         FROM old_file_chunks f LEFT JOIN chunks c ON c.hash = CAST(f.chunk_id AS BLOB)",
+    "INSERT OR IGNORE INTO xattrs (node_id, name, value, chunk)
+         SELECT x.node_id, x.name, x.value,
+             CASE WHEN x.chunk_id IS NOT NULL THEN coalesce(c.id, 0) END
+         FROM old_xattrs x LEFT JOIN chunks c ON c.hash = CAST(x.chunk_id AS BLOB)",
+];
+
+/// The file's pages must form sound b-trees, each page in one of them
+/// (`quick_check`): rebuilding an index whose pages belong to another tree as well
+/// would rewrite that tree.
+pub(super) fn check_pages(conn: &Connection, what: &str) -> Result<()> {
+    let verdict: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
+    if verdict != "ok" {
+        return Err(Error::Damaged(format!("{what} is damaged: {verdict}")));
+    }
+    Ok(())
+}
+
+/// References between rows must be integers, as format 4 writes them. SQLite would
+/// compare a stored TEXT '5' with the number 5 as equal in some queries (through a
+/// rowid) and not in others (through an index), so a file could pass its checks by
+/// one route and be written by another. A reference that is not an integer names no
+/// row (0); a row keyed by something else is unreachable and dropped.
+pub(super) fn normalize_references(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "DELETE FROM file_chunks WHERE typeof(node_id) != 'integer';
+         UPDATE file_chunks SET chunk = 0 WHERE typeof(chunk) != 'integer';
+         DELETE FROM xattrs WHERE typeof(node_id) != 'integer';
+         UPDATE xattrs SET chunk = 0 WHERE chunk IS NOT NULL AND typeof(chunk) != 'integer';
+         UPDATE chunks SET blob = 0 WHERE typeof(blob) != 'integer';",
+    )
 }
 
 /// The indexes readers need beyond the keys: which files use a chunk, and a blob's
@@ -289,6 +338,61 @@ mod tests {
              JOIN chunks c ON c.id = f.chunk",
         );
         assert_eq!(got, [vec![I(1), I(3)]]);
+    }
+
+    #[test]
+    fn old_ids_are_searched_by_key_whatever_their_declared_type() {
+        // Declared INTEGER, an old id could not be compared with the new key's TEXT or
+        // BLOB through it: each row would scan the new table.
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(&metadata_schema()).unwrap();
+        c.execute_batch(
+            "CREATE UNIQUE INDEX chunks_by_hash ON chunks (hash);
+             CREATE TABLE old_chunks (id INTEGER, blob_id INTEGER, offset, clen, ulen);
+             CREATE TABLE old_file_chunks (node_id, seq, offset, chunk_id INTEGER);
+             CREATE TABLE old_xattrs (node_id, name, value, chunk_id INTEGER);",
+        )
+        .unwrap();
+        for (step, new) in NUMBERING.iter().zip(["b", "c", "c"]) {
+            let plan = rows(&c, &format!("EXPLAIN QUERY PLAN {step}"));
+            let plan: Vec<String> = plan.iter().map(|r| format!("{:?}", r[3])).collect();
+            let searched = plan.iter().any(|p| p.contains(&format!("SEARCH {new} ")));
+            let scanned = plan.iter().any(|p| p.contains(&format!("SCAN {new} ")));
+            assert!(searched && !scanned, "{step}: {plan:?}");
+        }
+    }
+
+    #[test]
+    fn references_that_are_not_integers_name_no_row() {
+        let c = Connection::open_in_memory().unwrap();
+        // Untyped while the rows go in, as a hostile writer can make it.
+        let untyped = metadata_schema().replace(" INTEGER NOT NULL", " NOT NULL");
+        c.execute_batch(&untyped.replace("chunk INTEGER,", "chunk,"))
+            .unwrap();
+        c.execute_batch(
+            "INSERT INTO chunks VALUES (5, x'aa', '1', 0, 1, 1), (6, x'bb', 1, 0, 1, 1);
+             INSERT INTO file_chunks VALUES (1, 0, 0, 6), ('1', 1, 0, 5), (2, 0, 0, '6');
+             INSERT INTO xattrs VALUES ('1', 'user.a', NULL, 6), (1, 'user.b', NULL, '6');",
+        )
+        .unwrap();
+        normalize_references(&c).unwrap();
+        let got = rows(
+            &c,
+            "SELECT 'f', node_id, chunk FROM file_chunks
+             UNION ALL SELECT 'x', node_id, chunk FROM xattrs
+             UNION ALL SELECT 'c', id, blob FROM chunks ORDER BY 1, 2",
+        );
+        let t = |s: &str| T(s.into());
+        assert_eq!(
+            got,
+            [
+                vec![t("c"), I(5), I(0)],
+                vec![t("c"), I(6), I(1)],
+                vec![t("f"), I(1), I(6)],
+                vec![t("f"), I(2), I(0)],
+                vec![t("x"), I(1), I(0)],
+            ]
+        );
     }
 
     #[test]
