@@ -68,7 +68,10 @@ fn tables(conn: &Connection) -> rusqlite::Result<BTreeSet<String>> {
 
 /// How SQLite sees each of `tables`, which is what it plans queries with: its columns
 /// (name, declared type, NOT NULL, place in the primary key), whether it has rowids, and
-/// its indexes (name, uniqueness, origin, and each column's name, order and collation).
+/// its indexes (name, uniqueness, origin, and each column's name, order and collation);
+/// and the SQL of the table and its indexes, whitespace aside, for what the pragmas do
+/// not show (CHECK and DEFAULT expressions, collations, generated columns), which
+/// SQLite would evaluate on every row that readers write.
 fn layout(
     conn: &Connection,
     tables: &BTreeSet<String>,
@@ -100,7 +103,19 @@ fn layout(
                        ORDER BY seqno";
             indexes.push((index, rows(conn, sql, &name)?));
         }
-        out.insert(table, format!("{columns:?} {rowid:?} {indexes:?}"));
+        let sql = conn
+            .prepare("SELECT sql FROM sqlite_schema WHERE tbl_name = ?1 ORDER BY name")?
+            .query_map([&table], |r| r.get::<_, Option<String>>(0))?
+            .map(|s| {
+                s.map(|s| {
+                    s.unwrap_or_default()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+            })
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        out.insert(table, format!("{columns:?} {rowid:?} {indexes:?} {sql:?}"));
     }
     Ok(out)
 }
@@ -125,7 +140,9 @@ pub(super) fn check_tables(conn: &Connection, what: &str) -> Result<()> {
         .find(|t| want.get(*t) != got.get(*t));
     if let Some(table) = odd {
         let why = match (want.contains_key(table), got.contains_key(table)) {
-            (true, true) => "is not laid out as format 4 lays it out (its columns, key or indexes)",
+            (true, true) => {
+                "is not laid out as format 4 lays it out (its columns, constraints, key or indexes)"
+            }
             (true, false) => "is missing",
             _ => "is not one of format 4's",
         };
@@ -455,6 +472,18 @@ mod tests {
             (
                 format!("{schema} CREATE TABLE extra (x);"),
                 "\"extra\" is not one of format 4's",
+            ),
+            // Evaluated on every row readers write, and the pragmas do not show them.
+            (
+                schema.replace(
+                    "ulen INTEGER NOT NULL\n)",
+                    "ulen INTEGER NOT NULL CHECK (length(zeroblob(1000000000)))\n)",
+                ),
+                "\"chunks\" is not laid",
+            ),
+            (
+                schema.replace("kind TEXT NOT NULL", "kind TEXT NOT NULL COLLATE NOCASE"),
+                "\"nodes\" is not laid",
             ),
             (
                 schema.replace("CREATE TABLE IF NOT EXISTS meta", "CREATE TABLE other"),
