@@ -114,8 +114,11 @@ fn blob_rows(meta: &Metadata) -> Result<Vec<BlobRow>> {
         .prepare("SELECT id, name, size, hash FROM blobs")?;
     let rows = q.query_map([], |r| {
         let record = (|| {
+            // A name as restore and prune read it: TEXT or BLOB, in canonical form.
+            let name = String::from_utf8_lossy(r.get_ref(1).ok()?.as_bytes().ok()?).into_owned();
+            let name = BlobId::parse(&name).map_or(name, |b| b.to_hex());
             let size = u64::try_from(r.get::<_, i64>(2).ok()?).ok()?;
-            Some((r.get(1).ok()?, size, r.get(3).ok()?))
+            Some((name, size, r.get(3).ok()?))
         })();
         Ok((r.get(0)?, record))
     })?;

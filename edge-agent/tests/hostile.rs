@@ -432,6 +432,27 @@ fn index_pages_shared_with_another_tree_are_refused_by_name() {
 }
 
 #[test]
+fn check_expressions_are_never_run_and_refused_by_name() {
+    let f = Forged::new();
+    // A CHECK could ask for any amount of work on every row; this one fails on every
+    // row, so it shows whether SQLite's page check evaluated it before the table was
+    // refused.
+    f.tamper(
+        "PRAGMA writable_schema = ON;
+         UPDATE sqlite_schema
+             SET sql = replace(sql, 'ulen INTEGER NOT NULL', 'ulen INTEGER NOT NULL CHECK (ulen < 0)')
+             WHERE name = 'chunks';",
+    );
+    let target = f.t.path().join("r");
+    let (code, err) = f.run(&["restore", target.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("its table \"chunks\" is not laid out as format 4"),
+        "{err}"
+    );
+}
+
+#[test]
 fn duplicate_entries_are_refused_by_name() {
     let f = Forged::new();
     // The top directory again, its path as TEXT: the unique index on paths holds both,

@@ -6,14 +6,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 use crate::error::{Error, Result};
 use crate::snapshot::metadata_schema;
 
 /// Only ordinary tables and indexes, as vaultik writes them: no views, no triggers, no
-/// virtual tables, no planner statistics. SQLite builds its schema from the `sql` text,
-/// so that is what counts.
+/// virtual tables, no tables of SQLite's own (planner statistics, in any letter case),
+/// no generated columns. SQLite builds its schema from the `sql` text, so that is what
+/// counts.
 pub(super) fn check_objects(conn: &Connection, what: &str) -> Result<()> {
     let mut q = conn.prepare("SELECT type, name, sql FROM sqlite_schema")?;
     let mut rows = q.query([])?;
@@ -24,8 +25,12 @@ pub(super) fn check_objects(conn: &Connection, what: &str) -> Result<()> {
         let sql = sql.unwrap_or_default().to_ascii_uppercase();
         let sql = sql.split_whitespace().collect::<Vec<_>>().join(" ");
         let ordinary = match kind.as_str() {
-            // Statistics steer the query planner, and vaultik never writes them.
-            "table" => sql.starts_with("CREATE TABLE ") && !name.starts_with("sqlite_stat"),
+            // Statistics steer the query planner, and vaultik never writes them. SQLite
+            // finds its tables whatever the case of their names.
+            "table" => {
+                sql.starts_with("CREATE TABLE ")
+                    && !name.to_ascii_lowercase().starts_with("sqlite_")
+            }
             // Automatic indexes (for UNIQUE and PRIMARY KEY) have no SQL text.
             "index" => {
                 sql.is_empty()
@@ -37,13 +42,29 @@ pub(super) fn check_objects(conn: &Connection, what: &str) -> Result<()> {
         if !ordinary {
             let shown = match kind.as_str() {
                 "table" if sql.contains("VIRTUAL") => "virtual table",
-                "table" => "table of planner statistics",
+                "table" => "table of SQLite's own (planner statistics)",
                 k => k,
             };
             return Err(Error::Damaged(format!(
                 "{what} is not vaultik metadata: it holds a {shown} {name:?}"
             )));
         }
+    }
+    drop(rows);
+    // Computed whenever a row is read or checked, with whatever work its expression
+    // asks for.
+    let generated: Option<String> = conn
+        .query_row(
+            "SELECT m.name FROM sqlite_schema m, pragma_table_xinfo(m.name) x
+             WHERE m.type = 'table' AND x.hidden != 0 LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(table) = generated {
+        return Err(Error::Damaged(format!(
+            "{what} is not vaultik metadata: its table {table:?} has a generated column"
+        )));
     }
     Ok(())
 }
@@ -509,7 +530,18 @@ mod tests {
             ),
             (
                 "CREATE INDEX i ON nodes (x); ANALYZE;",
-                "planner statistics \"sqlite_stat1\"",
+                "planner statistics) \"sqlite_stat1\"",
+            ),
+            (
+                // SQLite reserves the name, but a file can hold it all the same.
+                "PRAGMA writable_schema = ON;
+                 INSERT INTO sqlite_schema VALUES ('table', 'SQLITE_STAT1', 'SQLITE_STAT1', 0,
+                     'CREATE TABLE SQLITE_STAT1 (tbl, idx, stat)');",
+                "planner statistics) \"SQLITE_STAT1\"",
+            ),
+            (
+                "CREATE TABLE g (a, b AS (length(printf('%.*c', 1000, 'x'))));",
+                "\"g\" has a generated column",
             ),
         ];
         for (sql, shown) in cases {
