@@ -44,6 +44,12 @@ impl BlobId {
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
+    /// `name` in the form object keys use, if it is a blob id at all: case cannot make
+    /// two names of one blob differ.
+    pub fn canonical(name: String) -> String {
+        Self::parse(&name).map_or(name, |b| b.to_hex())
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         let mut b = [0u8; 32];
         hex::decode_to_slice(s, &mut b).ok()?;

@@ -421,13 +421,10 @@ pub fn plan(repo: &Repo, ids: &Identities, opts: &Options) -> Result<Plan> {
         let meta = crate::restore::open_metadata(repo, ids, m.clone())?;
         let mut q = meta.conn.prepare("SELECT name FROM blobs")?;
         // A name stored as BLOB is read as restore reads it.
-        let names = q.query_map([], |r| {
-            Ok(String::from_utf8_lossy(r.get_ref(0)?.as_bytes().unwrap_or_default()).into_owned())
-        })?;
+        let names = q.query_map([], |r| crate::restore::text(r, 0))?;
         for id in names {
             // Compared in canonical form, so case cannot make a used blob look unused.
-            let id = id?;
-            referenced.insert(BlobId::parse(&id).map_or(id, |b| b.to_hex()));
+            referenced.insert(BlobId::canonical(id?));
         }
     }
     // Listed after the snapshots were read: anything a backup adds meanwhile is young.

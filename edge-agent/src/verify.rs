@@ -96,9 +96,7 @@ fn files_in_blob(meta: &Metadata, blob: i64) -> Result<Vec<String>> {
          JOIN chunks c ON c.id = f.chunk WHERE c.blob = ?1 ORDER BY n.path",
     )?;
     // A path may be TEXT or BLOB (restore takes both) or, hostile, anything.
-    let rows = q.query_map([blob], |r| {
-        Ok(String::from_utf8_lossy(r.get_ref(0)?.as_bytes().unwrap_or_default()).into_owned())
-    })?;
+    let rows = q.query_map([blob], |r| crate::restore::text(r, 0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -116,7 +114,7 @@ fn blob_rows(meta: &Metadata) -> Result<Vec<BlobRow>> {
         let record = (|| {
             // A name as restore and prune read it: TEXT or BLOB, in canonical form.
             let name = String::from_utf8_lossy(r.get_ref(1).ok()?.as_bytes().ok()?).into_owned();
-            let name = BlobId::parse(&name).map_or(name, |b| b.to_hex());
+            let name = BlobId::canonical(name);
             let size = u64::try_from(r.get::<_, i64>(2).ok()?).ok()?;
             Some((name, size, r.get(3).ok()?))
         })();

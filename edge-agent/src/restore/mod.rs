@@ -86,6 +86,11 @@ fn bytes(r: &Row<'_>, i: usize) -> rusqlite::Result<Vec<u8>> {
     })
 }
 
+/// A BLOB or TEXT column as text (invalid UTF-8 replaced); anything else is empty.
+pub(crate) fn text(r: &Row<'_>, i: usize) -> rusqlite::Result<String> {
+    Ok(String::from_utf8_lossy(&bytes(r, i)?).into_owned())
+}
+
 fn opt_bytes(r: &Row<'_>, i: usize) -> rusqlite::Result<Option<Vec<u8>>> {
     Ok(match r.get_ref(i)? {
         ValueRef::Null => None,

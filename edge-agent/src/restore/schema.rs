@@ -69,15 +69,6 @@ pub(super) fn check_objects(conn: &Connection, what: &str) -> Result<()> {
     Ok(())
 }
 
-type Rows = Vec<Vec<rusqlite::types::Value>>;
-
-fn rows(conn: &Connection, sql: &str, arg: &str) -> rusqlite::Result<Rows> {
-    let mut q = conn.prepare(sql)?;
-    let n = q.column_count();
-    q.query_map([arg], |r| (0..n).map(|i| r.get(i)).collect())?
-        .collect()
-}
-
 fn tables(conn: &Connection) -> rusqlite::Result<BTreeSet<String>> {
     conn.prepare(
         "SELECT name FROM sqlite_schema WHERE type = 'table'
@@ -87,56 +78,32 @@ fn tables(conn: &Connection) -> rusqlite::Result<BTreeSet<String>> {
     .collect()
 }
 
-/// How SQLite sees each of `tables`, which is what it plans queries with: its columns
-/// (name, declared type, NOT NULL, place in the primary key), whether it has rowids, and
-/// its indexes (name, uniqueness, origin, and each column's name, order and collation);
-/// and the SQL of the table and its indexes, whitespace aside, for what the pragmas do
-/// not show (CHECK and DEFAULT expressions, collations, generated columns), which
-/// SQLite would evaluate on every row that readers write.
+/// The SQL of each of `tables` and of its indexes, whitespace aside. SQLite builds its
+/// whole view of a table from that text, which is what it plans queries with (declared
+/// types, keys, rowids, indexes) and what it evaluates on rows that readers write
+/// (CHECK and DEFAULT expressions, collations): equal text, equal tables.
 fn layout(
     conn: &Connection,
     tables: &BTreeSet<String>,
-) -> rusqlite::Result<BTreeMap<String, String>> {
+) -> rusqlite::Result<BTreeMap<String, Vec<String>>> {
+    let mut q = conn.prepare(
+        "SELECT type, name, sql FROM sqlite_schema WHERE tbl_name = ?1 ORDER BY type, name",
+    )?;
     let mut out = BTreeMap::new();
-    for table in tables.iter().cloned() {
-        let columns = rows(
-            conn,
-            "SELECT name, upper(type), \"notnull\", pk FROM pragma_table_info(?1) ORDER BY cid",
-            &table,
-        )?;
-        let rowid = rows(
-            conn,
-            "SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1",
-            &table,
-        )?;
-        let mut indexes = Vec::new();
-        let list = rows(
-            conn,
-            "SELECT name, \"unique\", origin, partial FROM pragma_index_list(?1) ORDER BY name",
-            &table,
-        )?;
-        for index in list {
-            let name = match index.first() {
-                Some(rusqlite::types::Value::Text(n)) => n.clone(),
-                _ => String::new(),
-            };
-            let sql = "SELECT seqno, name, \"desc\", coll, key FROM pragma_index_xinfo(?1)
-                       ORDER BY seqno";
-            indexes.push((index, rows(conn, sql, &name)?));
-        }
-        let sql = conn
-            .prepare("SELECT sql FROM sqlite_schema WHERE tbl_name = ?1 ORDER BY name")?
-            .query_map([&table], |r| r.get::<_, Option<String>>(0))?
-            .map(|s| {
-                s.map(|s| {
-                    s.unwrap_or_default()
-                        .split_whitespace()
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                })
-            })
+    for table in tables {
+        let sql = q
+            .query_map([table], |r| {
+                let sql: Option<String> = r.get(2)?;
+                let sql = sql.unwrap_or_default();
+                let sql = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+                Ok(format!(
+                    "{} {} {sql}",
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?
+                ))
+            })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        out.insert(table, format!("{columns:?} {rowid:?} {indexes:?} {sql:?}"));
+        out.insert(table.clone(), sql);
     }
     Ok(out)
 }
@@ -152,7 +119,7 @@ pub(super) fn check_tables(conn: &Connection, what: &str) -> Result<()> {
     let (want, got) = if got_names == names {
         (layout(&reference, &names)?, layout(conn, &names)?)
     } else {
-        let only = |n: &BTreeSet<String>| n.iter().map(|t| (t.clone(), String::new())).collect();
+        let only = |n: &BTreeSet<String>| n.iter().map(|t| (t.clone(), Vec::new())).collect();
         (only(&names), only(&got_names))
     };
     let odd = want
@@ -299,7 +266,7 @@ mod tests {
         c
     }
 
-    fn rows(c: &Connection, sql: &str) -> Rows {
+    fn rows(c: &Connection, sql: &str) -> Vec<Vec<rusqlite::types::Value>> {
         let mut q = c.prepare(sql).unwrap();
         let n = q.column_count();
         q.query_map([], |r| (0..n).map(|i| r.get(i)).collect())
